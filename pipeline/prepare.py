@@ -1,0 +1,278 @@
+"""The `prepare` stage: a raw corpus in the MMSA layout -> a manifest of usable segments.
+
+    <root>/label.csv                      video_id,clip_id,text,label,mode
+    <root>/Raw/<video_id>/<clip_id>.mp4   one clip per labelled segment (any of media.VIDEO_EXTS)
+    <root>/Raw/<video_id>/<clip_id>.wav   optional separate audio (.wav/.flac), used instead of the clip's track
+    <root>/Raw/<video_id>/<clip_id>.jpg   image + text datasets (Memotion): one still per row, no audio
+
+A corpus without a `Raw/` folder is transcript-only: every row is text alone.
+
+Every label row and every media file ends up in exactly one of two places:
+`manifest` (usable segments) or `rejects` (one line each with a reason), so
+usable + rejected == label rows + orphan media files. Probing reads container
+headers only; the audio track is decoded (no video decode) to catch silence.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import math
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import av
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from .media import AUDIO_EXTS, IMAGE_EXTS, VIDEO_EXTS, MediaError, probe_audio, probe_image, probe_video
+
+REQUIRED_COLUMNS = ("video_id", "clip_id", "text", "label", "mode")
+SPLIT_ALIASES = {"train": "train", "valid": "valid", "val": "valid", "validation": "valid", "dev": "valid", "test": "test"}
+SILENCE_PEAK = 1e-4  # peak |amplitude| below which an audio track counts as silent
+
+MANIFEST_COLUMNS = {  # name -> dtype; the contract the feature stages read
+    "id": "str", "video_id": "str", "clip_id": "str", "split": "str",
+    "label": "float64", "label_name": "str", "text": "str",
+    "media": "str", "video_path": "str", "audio_path": "str", "image_path": "str",
+    "duration": "float64", "fps": "float64", "width": "int32", "height": "int32",
+    "has_audio": "bool", "audio_sample_rate": "int32", "audio_channels": "int32",
+    "content_hash": "str",
+}
+
+
+class PrepareError(Exception):
+    """The corpus as a whole cannot be read (no label file, missing columns)."""
+
+
+def segment_id(video_id: str, clip_id: str) -> str:
+    return f"{video_id}/{clip_id}"
+
+
+def file_sha256(*paths: str | Path) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def audio_peak(path: str | Path) -> float:
+    """Peak absolute sample of the first audio stream (decodes audio only)."""
+    peak = 0.0
+    with av.open(str(path)) as container:
+        for frame in container.decode(audio=0):
+            samples = frame.to_ndarray()
+            if np.issubdtype(samples.dtype, np.integer):
+                samples = samples / np.iinfo(samples.dtype).max
+            peak = max(peak, float(np.abs(samples).max(initial=0.0)))
+    return peak
+
+
+def read_label_rows(label_path: Path) -> list[dict]:
+    """label.csv rows as dicts (with their 1-based file line); bytes that are not UTF-8 are
+    kept as surrogates so the row is rejected on its own instead of failing the whole file."""
+    if not label_path.is_file():
+        raise PrepareError(f"label file not found: {label_path}")
+    text = label_path.read_bytes().decode("utf-8", errors="surrogateescape").lstrip("\ufeff")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+    if missing:
+        raise PrepareError(f"{label_path}: missing column(s) {', '.join(missing)}; expected {','.join(REQUIRED_COLUMNS)}")
+    rows = []
+    for row in reader:
+        row["_line"] = reader.line_num
+        rows.append(row)
+    return rows
+
+
+def _is_utf8(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # lone surrogates from undecodable bytes
+        return False
+
+
+def _check_label(raw: str | None, task: str, classes: list[str]) -> tuple[float, str]:
+    """(label value, class name) or raises ValueError with the reject reason."""
+    raw = (raw or "").strip()
+    if task == "classification":
+        lookup = {c.lower(): i for i, c in enumerate(classes)}
+        if raw.lower() not in lookup:
+            raise ValueError(f"label {raw!r} is not a known class ({', '.join(classes)})" if raw else "label missing")
+        index = lookup[raw.lower()]
+        return float(index), classes[index]
+    if not raw:
+        raise ValueError("label missing")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"label {raw!r} is not a number") from None
+    if math.isnan(value):
+        raise ValueError("label is NaN")
+    if not -3.0 <= value <= 3.0:
+        raise ValueError(f"label {value:g} outside [-3, 3]")
+    return value, ""
+
+
+def _safe_name(name: str) -> bool:
+    """A video_id/clip_id that stays inside its folder when used as a path component."""
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0") and not name.startswith("~")
+
+
+def _find_media(raw_dir: Path, video_id: str, clip_id: str, exts) -> Path | None:
+    for ext in exts:
+        path = raw_dir / video_id / f"{clip_id}{ext}"
+        if path.is_file():
+            return path
+    return None
+
+
+def _probe_row(row: dict) -> dict:
+    """Fill media metadata into a row that has media; raises MediaError with the reason."""
+    if row["media"] == "image":
+        width, height = probe_image(row["image_path"])
+        row.update(width=width, height=height, content_hash=file_sha256(row["image_path"]))
+        return row
+    info = probe_video(row["video_path"])
+    row.update(duration=info.duration, fps=info.fps, width=info.width, height=info.height)
+    audio_source = row["audio_path"] or (row["video_path"] if info.has_audio else "")
+    if not audio_source:
+        raise MediaError("video has no audio track")
+    if row["audio_path"]:
+        audio = probe_audio(row["audio_path"])
+        rate, channels = audio.sample_rate, audio.channels
+    else:
+        rate, channels = info.audio_sample_rate, info.audio_channels
+    try:
+        peak = audio_peak(audio_source)
+    except (av.error.FFmpegError, ValueError) as err:
+        raise MediaError(f"audio track fails to decode ({err.__class__.__name__})") from None
+    if peak < SILENCE_PEAK:
+        raise MediaError("silent audio track")
+    hashed = [row["video_path"]] + ([row["audio_path"]] if row["audio_path"] else [])
+    row.update(has_audio=True, audio_sample_rate=rate, audio_channels=channels, content_hash=file_sha256(*hashed))
+    return row
+
+
+def build_manifest(data: dict, workers: int = 8, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Read the corpus described by params' `data:` section -> (manifest, rejects)."""
+    root = Path(data["root"])
+    task = data.get("task", "regression")
+    if task not in ("regression", "classification"):
+        raise PrepareError(f"data.task must be regression or classification, not {task!r}")
+    classes = list(data.get("classes") or [])
+    if task == "classification" and not classes:
+        raise PrepareError("data.task is classification but data.classes is empty")
+    raw_dir = root / "Raw"
+    transcript_only = not raw_dir.is_dir()
+    rows = read_label_rows(root / data.get("label_file", "label.csv"))
+
+    rejects: list[dict] = []
+    candidates: list[dict] = []
+    seen: dict[str, int] = {}
+    claimed: set[Path] = set()  # media files some label row points at (found or not usable)
+
+    def reject(reason, *, video_id="", clip_id="", line=None, path=""):
+        sid = segment_id(video_id, clip_id) if (video_id or clip_id) else ""
+        rejects.append({"id": sid, "video_id": video_id, "clip_id": clip_id, "line": line, "path": str(path), "reason": reason})
+
+    for row in rows:
+        video_id, clip_id = (row.get("video_id") or "").strip(), (row.get("clip_id") or "").strip()
+        line = row["_line"]
+        if not video_id or not clip_id:
+            reject("missing video_id or clip_id", video_id=video_id, clip_id=clip_id, line=line)
+            continue
+        if not (_safe_name(video_id) and _safe_name(clip_id)):
+            reject("id escapes the data root", video_id=video_id, clip_id=clip_id, line=line)
+            continue
+        sid = segment_id(video_id, clip_id)
+        media_path = None if transcript_only else _find_media(raw_dir, video_id, clip_id, VIDEO_EXTS + IMAGE_EXTS)
+        audio_path = None if transcript_only else _find_media(raw_dir, video_id, clip_id, AUDIO_EXTS)
+        for p in (media_path, audio_path):
+            if p is not None:
+                claimed.add(p.resolve())
+        if sid in seen:
+            reject(f"duplicate id (first on line {seen[sid]})", video_id=video_id, clip_id=clip_id, line=line)
+            continue
+        seen[sid] = line
+        text = row.get("text") or ""
+        if not _is_utf8(text):
+            reject("transcript is not valid UTF-8", video_id=video_id, clip_id=clip_id, line=line)
+            continue
+        if not text.strip():
+            reject("empty transcript", video_id=video_id, clip_id=clip_id, line=line)
+            continue
+        try:
+            label, label_name = _check_label(row.get("label"), task, classes)
+        except ValueError as err:
+            reject(str(err), video_id=video_id, clip_id=clip_id, line=line)
+            continue
+        split_raw = (row.get("mode") or "").strip()
+        split = SPLIT_ALIASES.get(split_raw.lower())
+        if split is None:
+            reject(f"unknown split {split_raw!r} (expected train, valid or test)", video_id=video_id, clip_id=clip_id, line=line)
+            continue
+        if not transcript_only and media_path is None:
+            reject("missing media file", video_id=video_id, clip_id=clip_id, line=line,
+                   path=raw_dir / video_id / f"{clip_id}.mp4")
+            continue
+        media = "none" if media_path is None else ("image" if media_path.suffix.lower() in IMAGE_EXTS else "video")
+        candidates.append({
+            "id": sid, "video_id": video_id, "clip_id": clip_id, "split": split,
+            "label": label, "label_name": label_name, "text": text.strip(), "media": media,
+            "video_path": str(media_path) if media == "video" else "",
+            "audio_path": str(audio_path) if (audio_path and media == "video") else "",
+            "image_path": str(media_path) if media == "image" else "",
+            "duration": 0.0, "fps": 0.0, "width": 0, "height": 0,
+            "has_audio": False, "audio_sample_rate": 0, "audio_channels": 0, "content_hash": "",
+            "_line": line,
+        })
+
+    # Probe media in threads: PyAV and hashing release the GIL, and probing is I/O-bound.
+    with_media = [c for c in candidates if c["media"] != "none"]
+
+    def probe(candidate):
+        try:
+            return _probe_row(candidate), None
+        except MediaError as err:
+            return candidate, str(err)
+
+    bad: set[str] = set()
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        results = pool.map(probe, with_media)
+        for candidate, reason in tqdm(results, total=len(with_media), desc="prepare: probe", disable=not progress or not with_media):
+            if reason:
+                bad.add(candidate["id"])
+                reject(reason, video_id=candidate["video_id"], clip_id=candidate["clip_id"], line=candidate["_line"],
+                       path=candidate["video_path"] or candidate["image_path"])
+
+    # Media nobody labelled: reported, never silently ignored.
+    if not transcript_only:
+        for path in sorted(raw_dir.rglob("*")):
+            if path.is_file() and path.suffix.lower() in VIDEO_EXTS + AUDIO_EXTS + IMAGE_EXTS and path.resolve() not in claimed:
+                rel = path.relative_to(raw_dir)
+                video_id = rel.parts[0] if len(rel.parts) > 1 else ""
+                reject("media file with no label row", video_id=video_id, clip_id=path.stem, path=path)
+
+    manifest = pd.DataFrame([c for c in candidates if c["id"] not in bad], columns=list(MANIFEST_COLUMNS) + ["_line"])
+    manifest = manifest.sort_values("_line").drop(columns="_line").reset_index(drop=True)
+    manifest = manifest.astype(MANIFEST_COLUMNS)
+    rejects_df = pd.DataFrame(rejects, columns=["id", "video_id", "clip_id", "line", "path", "reason"])
+    rejects_df["line"] = rejects_df["line"].astype("Int64")
+    return manifest, rejects_df
+
+
+def summary(manifest: pd.DataFrame, rejects: pd.DataFrame) -> str:
+    """A few human lines: counts per split and per reject reason."""
+    lines = [f"{len(manifest)} usable segments ({', '.join(f'{s} {n}' for s, n in manifest['split'].value_counts().items())}), "
+             f"{len(rejects)} rejected"]
+    if len(manifest):
+        kinds = manifest["media"].value_counts().to_dict()
+        lines.append("media: " + ", ".join(f"{k} {v}" for k, v in kinds.items()))
+    for reason, count in rejects["reason"].value_counts().items():
+        lines.append(f"  rejected {count:5d}: {reason}")
+    return "\n".join(lines)
