@@ -1,0 +1,213 @@
+"""The prepare stage: every bad input gets its own reason, nothing is dropped silently."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import wave
+
+import av
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import REPO, make_clip, row, write_labels
+from pipeline.media import probe_video
+from pipeline.prepare import build_manifest
+
+
+def _wav(path, seconds=1.0, rate=16000):
+    samples = (0.3 * np.sin(2 * np.pi * 200 * np.arange(int(seconds * rate)) / rate) * 32767).astype(np.int16)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(rate)
+        w.writeframes(samples.tobytes())
+
+
+@pytest.fixture(scope="module")
+def bad_corpus(tmp_path_factory):
+    """One corpus holding every kind of bad input next to good segments.
+    Returns (root, {clip_id: expected reason fragment})."""
+    root = tmp_path_factory.mktemp("corpus")
+    raw = root / "Raw"
+    expected = {}
+    rows = []
+
+    def add(clip_id, reason=None, **kw):
+        rows.append(row(video_id=kw.pop("video_id", "v1"), clip_id=clip_id, **kw))
+        if reason:
+            expected[clip_id] = reason
+
+    good = make_clip(raw / "v1" / "good.mp4")
+    add("good")
+    add("good2"), make_clip(raw / "v1" / "good2.mp4")
+    shutil.copy(good, raw / "v1" / "unreadable.mp4")
+    (raw / "v1" / "unreadable.mp4").write_bytes(b"this is not a video" * 50)
+    add("unreadable", "unreadable media file")
+    data = good.read_bytes()
+    (raw / "v1" / "truncated.mp4").write_bytes(data[: len(data) // 2])
+    add("truncated", "truncated")
+    (raw / "v1" / "empty.mp4").write_bytes(b"")
+    add("empty", "zero-length")
+    make_clip(raw / "v1" / "mute.mp4", audio="none")
+    add("mute", "no audio track")
+    make_clip(raw / "v1" / "silent.mp4", audio="silent")
+    add("silent", "silent audio")
+    add("nofile", "missing media file")
+    make_clip(raw / "v1" / "orphan.mp4")
+    expected["orphan"] = "no label row"
+    make_clip(raw / "v1" / "blank.mp4")
+    add("blank", "empty transcript", text="   ")
+    make_clip(raw / "v1" / "nolabel.mp4")
+    add("nolabel", "label missing", label="")
+    make_clip(raw / "v1" / "nanlabel.mp4")
+    add("nanlabel", "NaN", label="nan")
+    make_clip(raw / "v1" / "big.mp4")
+    add("big", "outside [-3, 3]", label="3.5")
+    make_clip(raw / "v1" / "word.mp4")
+    add("word", "not a number", label="great")
+    add("good", "duplicate id")
+    make_clip(raw / "v1" / "split.mp4")
+    add("split", "unknown split", mode="holdout")
+    add("escape", "escapes the data root", video_id="..")
+    # separate audio beside a video without a track: usable
+    make_clip(raw / "v2" / "sep.mp4", audio="none")
+    _wav(raw / "v2" / "sep.wav")
+    add("sep", video_id="v2")
+    write_labels(root, rows)
+    # a non-UTF-8 transcript: raw latin-1 bytes appended to the CSV
+    make_clip(raw / "v1" / "latin.mp4")
+    with open(root / "label.csv", "ab") as f:
+        f.write("v1,latin,caf\xe9 was nice,1.0,train\r\n".encode("latin-1"))
+    expected["latin"] = "not valid UTF-8"
+    return root, expected, len(rows) + 1
+
+
+@pytest.fixture(scope="module")
+def prepared(bad_corpus):
+    root, expected, n_rows = bad_corpus
+    manifest, rejects = build_manifest({"root": str(root)}, progress=False)
+    return manifest, rejects, expected, n_rows
+
+
+REASONS = ["unreadable", "truncated", "empty", "mute", "silent", "nofile", "orphan", "blank", "nolabel",
+           "nanlabel", "big", "word", "split", "escape", "latin"]
+
+
+@pytest.mark.parametrize("clip_id", REASONS)
+def test_each_bad_input_has_its_own_reason(prepared, clip_id):
+    manifest, rejects, expected, _ = prepared
+    found = rejects[rejects["clip_id"] == clip_id]
+    assert len(found) == 1, f"{clip_id}: {found.to_dict('records')}"
+    assert expected[clip_id] in found["reason"].iloc[0]
+    assert clip_id not in set(manifest["clip_id"])
+
+
+def test_duplicates_keep_the_first_and_reject_the_rest(prepared):
+    manifest, rejects, _, _ = prepared
+    assert (manifest["id"] == "v1/good").sum() == 1
+    dup = rejects[(rejects["clip_id"] == "good")]
+    assert len(dup) == 1 and "duplicate id (first on line 2)" == dup["reason"].iloc[0]
+
+
+def test_counts_add_up(prepared):
+    manifest, rejects, expected, n_rows = prepared
+    orphans = (rejects["reason"] == "media file with no label row").sum()
+    assert orphans == 1
+    assert len(manifest) + len(rejects) == n_rows + orphans
+    assert sorted(manifest["clip_id"]) == ["good", "good2", "sep"]
+
+
+def test_reasons_are_distinct(prepared):
+    _, rejects, _, _ = prepared
+    by_clip = rejects.drop_duplicates("clip_id").set_index("clip_id")["reason"]
+    assert len({by_clip[c] for c in REASONS}) == len(REASONS)
+
+
+def test_good_row_metadata(prepared):
+    manifest, _, _, _ = prepared
+    good = manifest.set_index("clip_id").loc["good"]
+    assert good["id"] == "v1/good" and good["media"] == "video" and good["split"] == "train"
+    assert good["width"] == 64 and good["height"] == 48 and good["fps"] == 10
+    assert abs(good["duration"] - 1.0) < 0.15
+    assert good["has_audio"] and good["audio_sample_rate"] == 16000 and good["audio_channels"] == 1
+    assert len(good["content_hash"]) == 64
+    sep = manifest.set_index("clip_id").loc["sep"]
+    assert sep["audio_path"].endswith("sep.wav") and sep["has_audio"]
+
+
+def test_content_hash_follows_bytes(tmp_path):
+    raw = tmp_path / "Raw" / "v"
+    shutil.copy(make_clip(raw / "a.mp4"), raw / "b.mp4")
+    write_labels(tmp_path, [row("v", "a"), row("v", "b")])
+    m1, _ = build_manifest({"root": str(tmp_path)}, progress=False)
+    assert m1["content_hash"].iloc[0] == m1["content_hash"].iloc[1]  # same bytes, same key
+    make_clip(raw / "b.mp4", seconds=1.5)
+    m2, _ = build_manifest({"root": str(tmp_path)}, progress=False)
+    assert m2["content_hash"].iloc[0] == m1["content_hash"].iloc[0]
+    assert m2["content_hash"].iloc[1] != m1["content_hash"].iloc[1]
+
+
+def test_classification_labels(tmp_path):
+    raw = tmp_path / "Raw" / "v"
+    for c in "abc":
+        make_clip(raw / f"{c}.mp4")
+    write_labels(tmp_path, [row("v", "a", label="positive"), row("v", "b", label="Negative"), row("v", "c", label="meh")])
+    manifest, rejects = build_manifest({"root": str(tmp_path), "task": "classification",
+                                        "classes": ["negative", "neutral", "positive"]}, progress=False)
+    assert manifest.set_index("clip_id")["label_name"].to_dict() == {"a": "positive", "b": "negative"}
+    assert manifest.set_index("clip_id")["label"].to_dict() == {"a": 2.0, "b": 0.0}
+    assert "not a known class" in rejects.set_index("clip_id").loc["c", "reason"]
+
+
+def test_image_and_text_dataset(tmp_path):
+    from PIL import Image
+    (tmp_path / "Raw" / "memes").mkdir(parents=True)
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "Raw" / "memes" / "m1.jpg")
+    write_labels(tmp_path, [row("memes", "m1")])
+    manifest, rejects = build_manifest({"root": str(tmp_path)}, progress=False)
+    assert len(rejects) == 0
+    m = manifest.iloc[0]
+    assert m["media"] == "image" and m["image_path"].endswith("m1.jpg") and (m["width"], m["height"]) == (40, 30)
+    assert not m["has_audio"]
+
+
+def test_transcript_only_mosi(mosi_text):
+    manifest, rejects = build_manifest({"root": str(mosi_text.parent), "label_file": mosi_text.name}, progress=False)
+    assert len(manifest) == 2199 and len(rejects) == 0
+    assert manifest["split"].value_counts().to_dict() == {"train": 1284, "valid": 229, "test": 686}
+    assert (manifest["media"] == "none").all()
+    assert manifest["label"].between(-3, 3).all()
+
+
+def test_real_clips_probe_matches_a_full_decode(real_clips):
+    for path in real_clips:
+        info = probe_video(path)
+        with av.open(str(path)) as c:
+            frames = list(c.decode(video=0))
+        with av.open(str(path)) as c:
+            audio_rates = {f.sample_rate for f in c.decode(audio=0)}
+        assert (frames[0].width, frames[0].height) == (info.width, info.height), path.name
+        assert abs(len(frames) / info.fps - info.duration) < 2.5 / info.fps, path.name
+        assert audio_rates == {info.audio_sample_rate}, path.name
+        assert info.audio_sample_rate in (44100, 48000)
+
+
+def _run_stage(cwd, strict):
+    (cwd / "params.yaml").write_text(f"data:\n  root: corpus\n  strict: {str(strict).lower()}\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "stages.prepare"], cwd=cwd, env=env, capture_output=True, text=True)
+
+
+def test_stage_writes_outputs_and_strict_fails(tmp_path):
+    corpus = tmp_path / "corpus"
+    make_clip(corpus / "Raw" / "v" / "a.mp4")
+    write_labels(corpus, [row("v", "a"), row("v", "b")])  # b has no media
+    shutil.copytree(REPO / "stages", tmp_path / "stages")
+    result = _run_stage(tmp_path, strict=False)
+    assert result.returncode == 0, result.stderr
+    manifest = pd.read_parquet(tmp_path / "features" / "manifest.parquet")
+    rejects = pd.read_csv(tmp_path / "features" / "rejects.csv")
+    assert list(manifest["id"]) == ["v/a"] and list(rejects["reason"]) == ["missing media file"]
+    result = _run_stage(tmp_path, strict=True)
+    assert result.returncode != 0 and "missing media file" in result.stderr
