@@ -66,3 +66,44 @@ def mosi_text() -> Path:
     if not MOSI_TEXT.is_file():
         pytest.skip(f"CMU-MOSI transcripts not found at {MOSI_TEXT} (../shared/data is absent on this machine)")
     return MOSI_TEXT
+
+
+def write_fake_features(root: Path, n: int = 60, dims=None, seed: int = 0, task: str = "regression",
+                        missing: dict | None = None) -> Path:
+    """A manifest + feature tables that follow the stages' Parquet contract, with a learnable
+    signal: the label is a sum of one direction per modality. Returns the features folder."""
+    import json
+
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    dims = dims or {"text": 8, "visual": 6, "acoustic": 5}
+    missing = missing or {}
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    splits = np.array(["train"] * (n // 2) + ["valid"] * (n // 4) + ["test"] * (n - n // 2 - n // 4))
+    parts = rng.uniform(-1, 1, (n, len(dims)))
+    labels = np.clip(parts.sum(1), -3, 3).round(1)
+    ids = [f"v{i % 6}/{i}" for i in range(n)]
+    manifest = pd.DataFrame({"id": ids, "video_id": [i.split("/")[0] for i in ids], "clip_id": [i.split("/")[1] for i in ids],
+                             "split": splits, "label": labels.astype(float), "label_name": "", "text": "x"})
+    if task == "classification":
+        manifest["label"] = (labels > 0.5).astype(float) + (labels > -0.5)
+    manifest.to_parquet(root / "manifest.parquet")
+    columns = {"text": ("hidden", "n_tokens"), "visual": ("emb", "n_frames"), "acoustic": ("feats", "n_frames")}
+    for k, (m, dim) in enumerate(dims.items()):
+        keep = [i for i in range(n) if i not in set(missing.get(m, []))]
+        lengths = rng.integers(1, 7, n)
+        seqs = [rng.normal(0, 0.3, (lengths[i], dim)) + parts[i, k] for i in range(n)]
+        cols = {"id": [ids[i] for i in keep], columns[m][1]: pa.array([int(lengths[i]) for i in keep], pa.int32()),
+                columns[m][0]: [seqs[i].astype(np.float32).ravel() for i in keep]}
+        if m == "text":
+            cols["token_ids"] = [np.arange(lengths[i], dtype=np.int32) for i in keep]
+            cols["pooled_cls"] = [seqs[i][0].astype(np.float32) for i in keep]
+            cols["pooled_mean"] = [seqs[i].mean(0).astype(np.float32) for i in keep]
+        table = pa.table(cols)
+        meta = {"stage": m, "dim": dim, "encoder": {"id": f"fake-{m}", "revision": "0"}, "params": {}}
+        table = table.replace_schema_metadata({b"pipeline": json.dumps(meta).encode()})
+        pq.write_table(table, root / f"{m}.parquet")
+    return root

@@ -1,0 +1,51 @@
+"""PNG plots written next to each model (DVC's HTML plots load vega from a CDN, so offline
+users get these files instead): loss curves, predicted vs true, confusion matrix."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: no display on CI or GPU boxes
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def loss_curves(history: list[dict], path: Path, title: str) -> None:
+    """history: one dict per epoch with train_loss, valid_loss and optionally valid_mae."""
+    epochs = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(epochs, [h["train_loss"] for h in history], label="train loss")
+    ax.plot(epochs, [h["valid_loss"] for h in history], label="valid loss")
+    if "valid_mae" in history[0]:
+        ax.plot(epochs, [h["valid_mae"] for h in history], "--", label="valid MAE")
+    best = min(history, key=lambda h: h["select"])
+    ax.axvline(best["epoch"], color="grey", lw=0.8, ls=":", label=f"chosen epoch {best['epoch']}")
+    ax.set(xlabel="epoch", ylabel="loss", title=title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def scatter(pred: np.ndarray, true: np.ndarray, path: Path, title: str) -> None:
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.scatter(true, pred, s=8, alpha=0.5)
+    ax.plot([-3, 3], [-3, 3], color="grey", lw=0.8)
+    ax.set(xlim=(-3.2, 3.2), ylim=(-3.2, 3.2), xlabel="true score", ylabel="predicted score", title=title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def confusion(matrix: np.ndarray, names: list[str], path: Path, title: str) -> None:
+    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(names), 1.0 + 0.7 * len(names)))
+    ax.imshow(matrix, cmap="Blues")
+    for (i, j), v in np.ndenumerate(matrix):
+        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > matrix.max() / 2 else "black", fontsize=8)
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
