@@ -12,13 +12,14 @@ import numpy as np  # noqa: E402
 
 
 def loss_curves(history: list[dict], path: Path, title: str) -> None:
-    """history: one dict per epoch with train_loss, valid_loss and optionally valid_mae."""
+    """history: one dict per epoch with train_loss (task loss), train_total (task + auxiliary
+    losses) and valid_loss (task loss: MAE for regression)."""
     epochs = [h["epoch"] for h in history]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(epochs, [h["train_loss"] for h in history], label="train loss")
-    ax.plot(epochs, [h["valid_loss"] for h in history], label="valid loss")
-    if "valid_mae" in history[0]:
-        ax.plot(epochs, [h["valid_mae"] for h in history], "--", label="valid MAE")
+    ax.plot(epochs, [h["train_loss"] for h in history], label="train task loss")
+    ax.plot(epochs, [h["valid_loss"] for h in history], label="valid task loss")
+    if any(abs(h["train_total"] - h["train_loss"]) > 1e-9 for h in history):
+        ax.plot(epochs, [h["train_total"] for h in history], "--", alpha=0.6, label="train total (with auxiliary)")
     best = min(history, key=lambda h: h["select"])
     ax.axvline(best["epoch"], color="grey", lw=0.8, ls=":", label=f"chosen epoch {best['epoch']}")
     ax.set(xlabel="epoch", ylabel="loss", title=title)

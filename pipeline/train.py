@@ -216,13 +216,14 @@ def train_model(name: str, data_dir: str | Path, out_dir: str | Path, model_para
         if isinstance(sampler, DistributedSampler):
             sampler.set_epoch(epoch)
         trainable.train()
-        running, seen = 0.0, 0
+        running, running_total, seen = 0.0, 0.0, 0
         bar = tqdm(loader, desc=f"{name} epoch {epoch}/{cfg.epochs}", leave=False, disable=not (progress and main))
         for step, batch in enumerate(bar, 1):
             batch = _to(batch, device)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 out = trainable(batch)
-            loss = task_loss(out["pred"], batch["label"], task) + sum(out.get("aux", {}).values())
+            main_loss = task_loss(out["pred"], batch["label"], task)
+            loss = main_loss + sum(out.get("aux", {}).values())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             # DDP has averaged the gradients: a non-finite norm is seen by every rank alike.
@@ -232,14 +233,15 @@ def train_model(name: str, data_dir: str | Path, out_dir: str | Path, model_para
                                     f"stopped, the last good checkpoint ({checkpoint_path}) is kept")
             optimizer.step()
             scheduler.step()
-            running += loss.item() * len(batch["label"])
+            running += main_loss.item() * len(batch["label"])
+            running_total += loss.item() * len(batch["label"])
             seen += len(batch["label"])
-            bar.set_postfix(loss=f"{running / seen:.4f}")
+            bar.set_postfix(loss=f"{running / seen:.4f}", total=f"{running_total / seen:.4f}")
         valid_pred = predict_rows(model, data, valid_rows, device, cfg.eval_batch_size, cfg.text_finetune)
         valid_loss, select = _select_score(task, valid_pred, data.labels[valid_rows])
-        record = {"epoch": epoch, "train_loss": running / max(seen, 1), "valid_loss": valid_loss, "select": select}
+        record = {"epoch": epoch, "train_loss": running / max(seen, 1), "train_total": running_total / max(seen, 1),
+                  "valid_loss": valid_loss, "select": select}
         if task == "regression":
-            record["valid_mae"] = select
             record["valid_corr"] = regression_metrics(valid_pred, data.labels[valid_rows])["corr"] or 0.0
         history.append(record)
         improved = select < best["select"] - 1e-6

@@ -1,0 +1,139 @@
+"""Metrics, assembly and the training loop on small feature tables that follow the stage contract."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import write_fake_features
+from pipeline import train as train_mod
+from pipeline.dataset import AssembledData, assemble
+from pipeline.metrics import classification_metrics, regression_metrics
+from pipeline.train import NonFiniteLoss, load_checkpoint, predict_rows, train_model
+
+MODS = ("text", "visual", "acoustic")
+FAST = {"epochs": 4, "patience": 10, "batch_size": 16}
+
+
+def test_regression_metrics_by_hand():
+    pred = [1.0, -0.5, 0.2, -2.6]
+    true = [0.8, 0.0, -1.0, -3.0]
+    m = regression_metrics(pred, true)
+    assert m["mae"] == pytest.approx((0.2 + 0.5 + 1.2 + 0.4) / 4)
+    assert m["acc2_has0"] == pytest.approx(2 / 4)      # zero label counts as positive; -0.5 predicted negative
+    assert m["f1_has0"] == pytest.approx(0.5)
+    assert m["acc2_non0"] == pytest.approx(2 / 3)      # the zero label is left out
+    assert m["acc7"] == pytest.approx(3 / 4)           # round(-0.5) == 0 (half to even), like MMSA
+    assert m["acc5"] == pytest.approx(3 / 4)           # -2.6 and -3.0 both clip to -2
+    assert m["corr"] == pytest.approx(np.corrcoef(pred, true)[0, 1])
+
+
+def test_metrics_undefined_cases_are_none():
+    m = regression_metrics([0.3, -0.2, 0.1], [0.0, 0.0, 0.0])
+    assert m["acc2_non0"] is None and m["f1_non0"] is None and m["corr"] is None
+    assert m["acc2_has0"] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError):
+        regression_metrics([], [])
+
+
+def test_classification_metrics_by_hand():
+    logits = np.array([[2, 0, 0], [0, 2, 0], [0, 2, 0], [0, 0, 2]], float)
+    metrics, matrix = classification_metrics(logits, [0, 1, 2, 2], 3)
+    assert metrics["accuracy"] == pytest.approx(0.75)
+    assert matrix.tolist() == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]
+    # per-class F1: 1, 2/3, 2/3 -> macro 7/9; weighted by support 1,1,2 -> (1 + 2/3 + 4/3) / 4
+    assert metrics["macro_f1"] == pytest.approx(7 / 9)
+    assert metrics["weighted_f1"] == pytest.approx(3 / 4)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = write_fake_features(tmp_path_factory.mktemp("feat"), n=80, missing={"visual": [1, 2, 60]})
+    assemble(root / "manifest.parquet", {m: root / f"{m}.parquet" for m in MODS}, root / "dataset",
+             max_steps={"acoustic": 3})
+    return root / "dataset"
+
+
+def test_assemble_normalises_on_train_only_and_masks_missing(dataset):
+    data = AssembledData(dataset)
+    assert data.input_dims == {"text": 8, "visual": 6, "acoustic": 5}
+    train = data.split_rows("train")
+    seq = data.seqs["visual"]
+    values = np.concatenate([seq.values[seq.offsets[i]:seq.offsets[i + 1]] for i in train]).astype(np.float64)
+    assert np.abs(values.mean(0)).max() < 1e-2 and np.abs(values.std(0) - 1).max() < 1e-2
+    assert data.seqs["acoustic"].lengths(np.arange(80)).max() <= 3      # max_steps pooling
+    batch = data.batch(np.array([0, 1, 2]))
+    assert batch["visual_mask"][1:].any().item() is False                 # rows 1, 2 have no visual
+    assert batch["visual_mask"][0].any().item() is True
+    assert batch["text"].shape[0] == 3 and batch["text"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", ["text_only", "late_fusion", "gexsent", "gce"])
+def test_train_writes_outputs_and_round_trips(dataset, tmp_path, name):
+    result = train_model(name, dataset, tmp_path / name, FAST, {}, progress=False)
+    saved = json.loads((tmp_path / name / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    assert {"mae", "corr", "acc2_has0", "acc2_non0", "f1_has0", "f1_non0", "acc5", "acc7"} <= set(saved["test"])
+    for png in ("loss.png", "scatter.png", "confusion.png"):
+        assert (tmp_path / name / "plots" / png).stat().st_size > 1000
+    model, ckpt = load_checkpoint(tmp_path / name / "model.pt")
+    assert ckpt["config"]["epoch"] == saved["best_epoch"]
+    data = AssembledData(dataset, modalities=["text"] if name == "text_only" else None)
+    rows = data.split_rows("test")
+    pred = predict_rows(model, data, rows, torch.device("cpu"), 64, False)
+    assert np.mean(np.abs(pred - data.labels[rows])) == pytest.approx(saved["test"]["mae"], abs=1e-5)
+
+
+def test_training_is_deterministic_on_cpu(dataset, tmp_path):
+    train_model("gexsent", dataset, tmp_path / "a", FAST, {}, progress=False)
+    train_model("gexsent", dataset, tmp_path / "b", FAST, {}, progress=False)
+    assert (tmp_path / "a" / "metrics.json").read_bytes() == (tmp_path / "b" / "metrics.json").read_bytes()
+    train_model("gexsent", dataset, tmp_path / "c", {**FAST, "seed": 1}, {}, progress=False)
+    assert (tmp_path / "a" / "metrics.json").read_bytes() != (tmp_path / "c" / "metrics.json").read_bytes()
+
+
+def test_nan_loss_stops_and_keeps_the_good_checkpoint(dataset, tmp_path, monkeypatch):
+    real_build = train_mod.build_model
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+        forward = model.forward
+
+        def forward_nan_later(batch):
+            out = forward(batch)
+            if model.training:
+                calls["n"] += 1
+                if calls["n"] > 5:  # 3 batches per epoch: epoch 2, batch 3
+                    out = {**out, "pred": out["pred"] * float("nan")}
+            return out
+        model.forward = forward_nan_later
+        return model
+
+    monkeypatch.setattr(train_mod, "build_model", poisoned)
+    with pytest.raises(NonFiniteLoss, match="epoch 2, batch 3"):
+        train_model("text_only", dataset, tmp_path / "m", FAST, {}, progress=False)
+    ckpt = torch.load(tmp_path / "m" / "model.pt", weights_only=True)
+    assert ckpt["config"]["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+    assert not (tmp_path / "m" / "metrics.json").exists()
+
+
+def test_classification_task(tmp_path):
+    root = write_fake_features(tmp_path / "feat", n=60, task="classification")
+    assemble(root / "manifest.parquet", {m: root / f"{m}.parquet" for m in MODS}, root / "dataset",
+             task="classification", classes=["negative", "neutral", "positive"])
+    result = train_model("gce", root / "dataset", tmp_path / "gce", FAST, {}, progress=False)
+    assert set(result["test"]) == {"accuracy", "macro_f1", "weighted_f1"}
+    assert (tmp_path / "gce" / "plots" / "confusion.png").exists()
+
+
+def test_transcript_only_dataset_trains_on_text(tmp_path, capsys):
+    root = write_fake_features(tmp_path / "feat", n=40, dims={"text": 8})
+    meta = assemble(root / "manifest.parquet", {m: root / f"{m}.parquet" for m in MODS}, root / "dataset")
+    assert set(meta["skipped"]) == {"visual", "acoustic"}
+    result = train_model("gce", root / "dataset", tmp_path / "gce", FAST, {}, progress=False)
+    assert result["test"]["mae"] is not None
+    assert "training on text only; GCE runs its unimodal path" in capsys.readouterr().out
