@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from . import plots
@@ -183,10 +183,11 @@ def train_model(name: str, data_dir: str | Path, out_dir: str | Path, model_para
     train_rows, valid_rows, test_rows = (data.split_rows(s) for s in ("train", "valid", "test"))
     if len(train_rows) == 0 or len(valid_rows) == 0 or len(test_rows) == 0:
         raise ValueError(f"need train, valid and test segments, got {len(train_rows)}/{len(valid_rows)}/{len(test_rows)}")
+    # One DistributedSampler in every mode (one replica when single-process): its seeded
+    # permutation is interleaved across ranks, so the N ranks' batches of size B/N together
+    # hold exactly the single process's batch of size B, and DDP's averaged gradient matches.
     per_rank = max(1, cfg.batch_size // world)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    sampler = (DistributedSampler(range(len(train_rows)), num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
-               if world > 1 else RandomSampler(range(len(train_rows)), generator=generator))
+    sampler = DistributedSampler(range(len(train_rows)), num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
     loader = DataLoader(range(len(train_rows)), batch_size=per_rank, sampler=sampler, drop_last=False,
                         collate_fn=lambda idx: data.batch(train_rows[idx], with_token_ids=cfg.text_finetune))
 
@@ -213,8 +214,7 @@ def train_model(name: str, data_dir: str | Path, out_dir: str | Path, model_para
     history: list[dict] = []
     started = time.time()
     for epoch in range(1, cfg.epochs + 1):
-        if isinstance(sampler, DistributedSampler):
-            sampler.set_epoch(epoch)
+        sampler.set_epoch(epoch)
         trainable.train()
         running, running_total, seen = 0.0, 0.0, 0
         bar = tqdm(loader, desc=f"{name} epoch {epoch}/{cfg.epochs}", leave=False, disable=not (progress and main))
