@@ -1,0 +1,365 @@
+"""Small building blocks shared by the models in this package.
+
+Everything here works on padded batches: a feature tensor ``x`` of shape
+(B, L, D) comes with a boolean ``mask`` of shape (B, L), True on real tokens or
+frames. A sample that lacks a modality has an all-False mask row; every block
+must give finite outputs for it and must not let padded positions leak into any
+real output.
+
+Nothing here calls ``.cuda()`` or ``.squeeze()``: devices follow the inputs and
+batch size 1 is an ordinary batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MODALITIES = ("text", "visual", "acoustic")  # canonical order, used everywhere
+TASKS = ("regression", "classification")
+
+
+# ----------------------------------------------------------------------------
+# Configuration and inputs
+# ----------------------------------------------------------------------------
+def config_from_dict(config_class, config):
+    """Build a config dataclass from a plain dict (a params.yaml section), rejecting unknown keys."""
+    if isinstance(config, config_class):
+        return config
+    config = dict(config or {})
+    known = {field.name for field in dataclasses.fields(config_class)}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ValueError(
+            f"unknown {config_class.__name__} key(s) {unknown}; known keys: {sorted(known)}"
+        )
+    return config_class(**config)
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def resolve_inputs(input_dims: dict[str, int], task: str, num_classes: int) -> tuple[tuple[str, ...], int]:
+    """Validate the model inputs; return the modalities present (canonical order) and the output size."""
+    unknown = sorted(set(input_dims) - set(MODALITIES))
+    if unknown:
+        raise ValueError(f"unknown modality {unknown}; expected a subset of {list(MODALITIES)}")
+    modalities = tuple(m for m in MODALITIES if m in input_dims)
+    if not modalities:
+        raise ValueError("input_dims must name at least one modality")
+    for m in modalities:
+        if int(input_dims[m]) < 1:
+            raise ValueError(f"input_dims[{m!r}] must be a positive feature size, got {input_dims[m]}")
+    check_choice("task", task, TASKS)
+    if task == "classification" and num_classes < 2:
+        raise ValueError(f"classification needs num_classes >= 2, got {num_classes}")
+    out_dim = 1 if task == "regression" else int(num_classes)
+    return modalities, out_dim
+
+
+def to_prediction(logits: torch.Tensor, task: str) -> torch.Tensor:
+    """(B, 1) -> (B,) score for regression; (B, C) logits unchanged for classification."""
+    return logits[..., 0] if task == "regression" else logits
+
+
+def task_loss(pred: torch.Tensor, label: torch.Tensor, task: str, reduction: str = "mean") -> torch.Tensor:
+    """The task loss the trainer uses too: L1 for regression, cross-entropy for classification."""
+    if task == "regression":
+        return F.l1_loss(pred.float(), label.float(), reduction=reduction)
+    return F.cross_entropy(pred.float(), label.long(), reduction=reduction)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------
+# Pooling, heads, projections
+# ----------------------------------------------------------------------------
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the real positions: (B, L, D), (B, L) -> (B, D); zeros for an all-padding row."""
+    # masked_fill rather than a multiply: padding may hold anything, even NaN
+    x = x.masked_fill(~mask.unsqueeze(-1), 0.0)
+    count = mask.sum(dim=1, keepdim=True).clamp_min(1).to(x.dtype)
+    return x.sum(dim=1) / count
+
+
+def text_utterance_vector(batch: dict, pool: str) -> torch.Tensor:
+    """One vector per utterance from the text token states: the first ([CLS]-like) state or the masked mean."""
+    if pool == "first":
+        return batch["text"][:, 0]
+    if batch.get("text_pooled") is not None:
+        return batch["text_pooled"]
+    return masked_mean(batch["text"], batch["text_mask"])
+
+
+class MLPHead(nn.Module):
+    """Dropout -> Linear -> GELU -> Dropout -> Linear: the prediction head used by every model."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Dropout(dropout),
+            nn.Linear(in_dim, hidden_dim),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden_dim, out_dim),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class FeatureProjection(nn.Module):
+    """Linear -> LayerNorm -> Dropout from a modality's feature size to the model width.
+
+    With ``positions=True`` sinusoidal positions are added: frame and audio-step
+    features carry no order of their own (text token states already do).
+    """
+
+    def __init__(self, in_dim: int, d_model: int, dropout: float = 0.0, positions: bool = False):
+        super().__init__()
+        self.linear = nn.Linear(in_dim, d_model)
+        self.norm = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.positions = positions
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.linear(x)
+        if self.positions:
+            x = x + sinusoidal_positions(x.shape[1], x.shape[2], x.device).to(x.dtype)
+        return self.dropout(self.norm(x))
+
+
+def sinusoidal_positions(length: int, dim: int, device=None) -> torch.Tensor:
+    """The fixed sine/cosine position table of "Attention is all you need": (length, dim)."""
+    position = torch.arange(length, device=device, dtype=torch.float32).unsqueeze(1)
+    frequency = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(length, dim, device=device)
+    table[:, 0::2] = torch.sin(position * frequency)
+    table[:, 1::2] = torch.cos(position * frequency[: dim // 2])
+    return table
+
+
+# ----------------------------------------------------------------------------
+# Token-level mixture of experts
+# ----------------------------------------------------------------------------
+def route_top_k(router_logits: torch.Tensor, top_k: int):
+    """Top-k routing: (T, E) logits -> probs (T, E), weights (T, k) summing to 1, experts (T, k).
+
+    The softmax runs in float32 (it is the balance loss's input too); the weights
+    are the chosen experts' probabilities renormalised over the k chosen.
+    """
+    probs = router_logits.float().softmax(dim=-1)
+    top_probs, top_experts = probs.topk(top_k, dim=-1)
+    top_weights = top_probs / top_probs.sum(dim=-1, keepdim=True)
+    return probs, top_weights, top_experts
+
+
+def load_balance_loss(probs: torch.Tensor, top_experts: torch.Tensor) -> torch.Tensor:
+    """Switch-Transformer balance loss: E * sum_e (fraction of routings to e) * (mean gate probability of e).
+
+    Equals 1 when routing is uniform and grows to E when every token goes to one
+    expert with probability 1. With top-k each token contributes k routings.
+    """
+    n_tokens, n_experts = probs.shape
+    if n_tokens == 0:  # e.g. a modality missing from the whole batch
+        return probs.sum() * 0.0
+    routings = F.one_hot(top_experts, n_experts).sum(dim=1).float()  # (T, E), 0/1 per expert
+    fraction_routed = routings.mean(dim=0) / top_experts.shape[-1]  # (E,), sums to 1
+    mean_prob = probs.mean(dim=0)  # (E,), sums to 1
+    return n_experts * (fraction_routed * mean_prob).sum()
+
+
+class MixtureOfExperts(nn.Module):
+    """Token-level mixture of small FFN experts with top-k routing and a load-balancing loss.
+
+    The experts' weights live in stacked tensors, (E, d, h) and (E, h, d), so the
+    two routing implementations share parameters and give the same result:
+
+    * ``routing="dispatch"``: the routed (token, expert) pairs are sorted by expert
+      into a padded (E, capacity, d) buffer and all experts run in one batched
+      matmul. Work grows with k, not E; capacity is the busiest expert's load, so
+      no token is ever dropped (and skewed routing costs more).
+    * ``routing="einsum"``: every expert runs on every token in one einsum and the
+      outputs are combined with the (mostly zero) gate weights. E/k times the
+      FLOPs, but no sorting or indexing.
+
+    ``python -m pipeline.models.bench_moe`` times both at our sizes.
+    Only real tokens (mask True) are routed; padded positions come out as zeros.
+    """
+
+    def __init__(self, d_model: int, d_hidden: int, n_experts: int, top_k: int, routing: str = "dispatch"):
+        super().__init__()
+        if not 1 <= top_k <= n_experts:
+            raise ValueError(f"top_k must be in [1, n_experts={n_experts}], got {top_k}")
+        check_choice("routing", routing, ("dispatch", "einsum"))
+        self.n_experts, self.top_k, self.routing = n_experts, top_k, routing
+        self.router = nn.Linear(d_model, n_experts, bias=False)
+        self.w_in = nn.Parameter(torch.empty(n_experts, d_model, d_hidden))
+        self.b_in = nn.Parameter(torch.empty(n_experts, d_hidden))
+        self.w_out = nn.Parameter(torch.empty(n_experts, d_hidden, d_model))
+        self.b_out = nn.Parameter(torch.empty(n_experts, d_model))
+        # the same uniform(+-1/sqrt(fan_in)) initialisation nn.Linear uses, per expert
+        for weight, bias, fan_in in ((self.w_in, self.b_in, d_model), (self.w_out, self.b_out, d_hidden)):
+            bound = 1.0 / math.sqrt(fan_in)
+            nn.init.uniform_(weight, -bound, bound)
+            nn.init.uniform_(bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor):
+        """x (B, L, d), mask (B, L) -> output (B, L, d), balance loss (scalar), routings per expert (E,)."""
+        tokens = x[mask]  # (T, d), real tokens only
+        probs, weights, experts = route_top_k(self.router(tokens), self.top_k)
+        if self.routing == "dispatch":
+            mixed = self._dispatch(tokens, weights, experts)
+        else:
+            mixed = self._all_experts(tokens, weights, experts)
+        out = torch.zeros(x.shape, dtype=mixed.dtype, device=x.device)
+        out[mask] = mixed
+        load = torch.bincount(experts.reshape(-1), minlength=self.n_experts)
+        return out, load_balance_loss(probs, experts), load
+
+    def _expert_ffn(self, inputs: torch.Tensor) -> torch.Tensor:
+        """All experts at once on per-expert inputs: (E, N, d) -> (E, N, d)."""
+        hidden = F.gelu(torch.baddbmm(self.b_in.unsqueeze(1), inputs, self.w_in))  # (E, N, h)
+        return torch.baddbmm(self.b_out.unsqueeze(1), hidden, self.w_out)
+
+    def _dispatch(self, tokens, weights, experts):
+        n_tokens, d_model = tokens.shape
+        flat_expert = experts.reshape(-1)  # (T*k,) the expert of each routing
+        order = flat_expert.argsort(stable=True)
+        sorted_expert = flat_expert[order]
+        source_token = torch.div(order, self.top_k, rounding_mode="floor")  # token of each sorted routing
+        per_expert = torch.bincount(flat_expert, minlength=self.n_experts)
+        capacity = int(per_expert.max()) if n_tokens else 0  # one host sync; no token is dropped
+        first_slot = per_expert.cumsum(0) - per_expert
+        slot = torch.arange(flat_expert.numel(), device=tokens.device) - first_slot[sorted_expert]
+
+        buffer = tokens.new_zeros(self.n_experts, capacity, d_model)  # (E, C, d)
+        buffer[sorted_expert, slot] = tokens[source_token]
+        routed_out = self._expert_ffn(buffer)[sorted_expert, slot]  # (T*k, d)
+        routed_out = routed_out * weights.reshape(-1)[order].unsqueeze(-1).to(routed_out.dtype)
+        out = routed_out.new_zeros(n_tokens, d_model)
+        return out.index_add(0, source_token, routed_out)
+
+    def _all_experts(self, tokens, weights, experts):
+        hidden = F.gelu(torch.einsum("td,edh->teh", tokens, self.w_in) + self.b_in)  # (T, E, h)
+        expert_out = torch.einsum("teh,ehd->ted", hidden, self.w_out) + self.b_out  # (T, E, d)
+        combine = torch.zeros(experts.shape[0], self.n_experts, device=tokens.device, dtype=weights.dtype)
+        combine = combine.scatter(1, experts, weights)  # (T, E): the k renormalised weights, zeros elsewhere
+        return torch.einsum("te,ted->td", combine.to(expert_out.dtype), expert_out)
+
+
+# ----------------------------------------------------------------------------
+# Attention
+# ----------------------------------------------------------------------------
+def attendable(mask: torch.Tensor) -> torch.Tensor:
+    """Key mask with all-padding rows opened up, so softmax never sees only -inf (NaN).
+
+    Those rows belong to a missing modality; their outputs are masked out later.
+    """
+    return mask | ~mask.any(dim=-1, keepdim=True)
+
+
+class GatedSelfAttention(nn.Module):
+    """Multi-head self-attention over a padded sequence, optionally gated per token (GAM).
+
+    Without gates it is plain masked self-attention. With gates g (B, L, 1) in
+    [0, 1], Q and K are multiplied by g before the scaled dot product, as in the
+    GEXSent reference. That alone cannot silence a token: a zero gate makes its
+    scores 0, not -inf, so it still takes attention mass. With ``gate_bias`` (the
+    default) log g is also added to each key's score, which makes a zero gate an
+    exact mask and a gate of 1 a no-op.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, gate_bias: bool = True):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        self.n_heads, self.dropout, self.gate_bias = n_heads, dropout, gate_bias
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, gates: torch.Tensor | None = None) -> torch.Tensor:
+        batch, length, d_model = x.shape
+        query, key, value = self.qkv(x).chunk(3, dim=-1)  # each (B, L, d)
+        if gates is not None:
+            query, key = query * gates, key * gates
+
+        # additive score bias (B, 1, 1, L): -inf on padded keys, log g on gated keys
+        bias = torch.zeros(batch, 1, 1, length, device=x.device)
+        bias = bias.masked_fill(~attendable(mask)[:, None, None, :], float("-inf"))
+        if gates is not None and self.gate_bias:
+            bias = bias + gates.float().clamp_min(1e-30).log().reshape(batch, 1, 1, length)
+
+        def heads(t):  # (B, L, d) -> (B, H, L, d/H)
+            return t.reshape(batch, length, self.n_heads, -1).transpose(1, 2)
+
+        attended = F.scaled_dot_product_attention(
+            heads(query), heads(key), heads(value),
+            attn_mask=bias.to(query.dtype),
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        return self.out_proj(attended.transpose(1, 2).reshape(batch, length, d_model))
+
+
+class GlobalTokenEncoder(nn.Module):
+    """Transformer encoder with a learnable global token; its output is the utterance vector.
+
+    (B, L, D_in), mask (B, L) -> (B, out_dim). The global token is never padding,
+    so a sample with no frames still gets a (learned, input-independent) vector.
+    """
+
+    def __init__(self, input_dim: int, d_model: int, n_heads: int, n_layers: int, ff_dim: int,
+                 out_dim: int, dropout: float = 0.1):
+        super().__init__()
+        self.input_proj = nn.Linear(input_dim, d_model)
+        self.global_token = nn.Parameter(torch.randn(1, 1, d_model) * 0.02)
+        layer = nn.TransformerEncoderLayer(d_model, n_heads, ff_dim, dropout, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
+        self.out_proj = nn.Linear(d_model, out_dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        batch = x.shape[0]
+        frames = self.input_proj(x)
+        sequence = torch.cat([self.global_token.expand(batch, -1, -1).to(frames.dtype), frames], dim=1)
+        is_real = torch.cat([mask.new_ones(batch, 1), mask], dim=1)  # (B, 1 + L)
+        states = self.encoder(sequence, src_key_padding_mask=~is_real)
+        return self.out_proj(states[:, 0])
+
+
+# ----------------------------------------------------------------------------
+# Contrastive alignment
+# ----------------------------------------------------------------------------
+def info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
+    """Symmetric InfoNCE (CLIP loss) between row-aligned (N, d) embeddings; sample i of a matches i of b."""
+    if a.shape[0] < 2:  # nothing to contrast against
+        return a.float().sum() * 0.0 + b.float().sum() * 0.0
+    a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
+    logits = logit_scale * a @ b.t()  # (N, N)
+    targets = torch.arange(a.shape[0], device=a.device)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
+
+
+class ContrastiveAlignment(nn.Module):
+    """Projects two modalities' utterance vectors to a shared space and scores them with InfoNCE."""
+
+    def __init__(self, dim_a: int, dim_b: int, proj_dim: int, temperature: float, learnable_temperature: bool):
+        super().__init__()
+        self.proj_a = nn.Linear(dim_a, proj_dim)
+        self.proj_b = nn.Linear(dim_b, proj_dim)
+        log_scale = torch.tensor(math.log(1.0 / temperature))
+        if learnable_temperature:
+            self.log_scale = nn.Parameter(log_scale)
+        else:
+            self.register_buffer("log_scale", log_scale)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, both_present: torch.Tensor) -> torch.Tensor:
+        """a (B, d_a), b (B, d_b), both_present (B,) -> loss over the samples that have both."""
+        scale = self.log_scale.clamp(max=math.log(100.0)).exp()  # CLIP's cap on the learnable scale
+        return info_nce(self.proj_a(a[both_present]), self.proj_b(b[both_present]), scale)

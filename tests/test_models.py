@@ -1,0 +1,430 @@
+"""Behaviour of the models in pipeline/models: each test pins one property the issue asks for."""
+from __future__ import annotations
+
+import doctest
+import itertools
+
+import pytest
+import torch
+
+import pipeline.models.baselines
+import pipeline.models.gce
+import pipeline.models.gexsent
+from pipeline.models import MODELS, build_model
+from pipeline.models.blocks import (
+    GatedSelfAttention,
+    MixtureOfExperts,
+    info_nce,
+    load_balance_loss,
+    route_top_k,
+    task_loss,
+)
+from pipeline.models.gce import RelationFilter, grade_pairs, gram
+
+DIMS = {"text": 12, "visual": 10, "acoustic": 6}
+MAX_LEN = {"text": 6, "visual": 4, "acoustic": 7}
+SMALL = {  # tiny configs: every test runs in well under a second per model
+    "gexsent": dict(d_model=16, n_experts=4, top_k=2, expert_hidden=16, n_heads=2, head_hidden=16, dropout=0.0),
+    "gce": dict(visual_d_model=8, acoustic_d_model=8, encoder_layers=1, encoder_heads=2, encoder_ff_dim=16,
+                utterance_dim=8, pair_dim=8, fusion_dim=16, head_hidden=16, relation_dim=8, contrastive_dim=8,
+                dropout=0.0),
+    "text_only": dict(head_hidden=16, dropout=0.0),
+    "late_fusion": dict(head_hidden=16, dropout=0.0),
+}
+ALL_MODELS = sorted(MODELS)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on shared cores OpenMP barriers can stall for seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_model(name, dims=DIMS, task="regression", num_classes=1, **overrides):
+    torch.manual_seed(0)
+    return build_model(name, dims, task, num_classes, {**SMALL[name], **overrides})
+
+
+def make_batch(batch_size, dims=DIMS, seed=0, task="regression", num_classes=3):
+    """Random features, random lengths (>= 1) with right padding, zeros on padding, labels."""
+    generator = torch.Generator().manual_seed(seed)
+    batch = {}
+    for m in dims:
+        lengths = torch.randint(1, MAX_LEN[m] + 1, (batch_size,), generator=generator)
+        mask = torch.arange(MAX_LEN[m])[None, :] < lengths[:, None]
+        features = torch.randn(batch_size, MAX_LEN[m], dims[m], generator=generator)
+        batch[m] = features * mask[..., None]
+        batch[f"{m}_mask"] = mask
+    if task == "regression":
+        batch["label"] = torch.rand(batch_size, generator=generator) * 6 - 3
+    else:
+        batch["label"] = torch.randint(0, num_classes, (batch_size,), generator=generator)
+    return batch
+
+
+def drop_modality(batch, m, samples):
+    """Mark modality m missing for the given samples: all-False mask, zero features."""
+    batch = dict(batch)
+    batch[f"{m}_mask"] = batch[f"{m}_mask"].clone()
+    batch[f"{m}_mask"][samples] = False
+    batch[m] = batch[m] * batch[f"{m}_mask"][..., None]
+    return batch
+
+
+def scramble_padding(batch, seed=1):
+    """Put large random values on every padded position (including missing modalities)."""
+    generator = torch.Generator().manual_seed(seed)
+    batch = dict(batch)
+    for m in DIMS:
+        if m in batch:
+            noise = 50 * torch.randn(batch[m].shape, generator=generator)
+            batch[m] = torch.where(batch[f"{m}_mask"][..., None], batch[m], noise)
+    return batch
+
+
+def total_loss(out, batch, task="regression"):
+    return task_loss(out["pred"], batch["label"], task) + sum(out["aux"].values())
+
+
+# ----------------------------------------------------------------------------- MoE routing
+def test_top_k_routing_picks_the_k_largest_gates_and_weights_sum_to_one():
+    torch.manual_seed(0)
+    logits = torch.randn(50, 10)
+    probs, weights, experts = route_top_k(logits, top_k=3)
+    expected = probs.argsort(dim=-1, descending=True)[:, :3]
+    assert torch.equal(experts.sort(dim=-1).values, expected.sort(dim=-1).values)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(50))
+    # weights are the chosen probabilities renormalised, not the raw ones
+    chosen = probs.gather(1, experts)
+    torch.testing.assert_close(weights, chosen / chosen.sum(-1, keepdim=True))
+
+
+def test_balance_loss_is_minimal_for_uniform_routing_and_grows_under_collapse():
+    n_tokens, n_experts, k = 400, 8, 2
+    uniform = torch.full((n_tokens, n_experts), 1.0 / n_experts)
+    spread = torch.arange(n_tokens)[:, None] * k + torch.arange(k)  # tokens spread evenly over experts
+    assert load_balance_loss(uniform, spread % n_experts).item() == pytest.approx(1.0)
+
+    previous = 1.0
+    for sharpness in (1.0, 3.0, 10.0):  # increasingly everything prefers experts 0 and 1
+        logits = torch.zeros(n_tokens, n_experts)
+        logits[:, :2] = sharpness
+        probs, _, experts = route_top_k(logits, k)
+        loss = load_balance_loss(probs, experts).item()
+        assert loss > previous
+        previous = loss
+    assert previous == pytest.approx(n_experts / k, rel=1e-2)  # full collapse onto k experts
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 4])
+def test_dispatch_and_einsum_routing_agree(top_k):
+    torch.manual_seed(0)
+    moe = MixtureOfExperts(d_model=8, d_hidden=16, n_experts=4, top_k=top_k)
+    x = torch.randn(3, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    results = {}
+    for routing in ("dispatch", "einsum"):
+        moe.routing = routing
+        moe.zero_grad()
+        out, balance, load = moe(x, mask)
+        (out.square().sum() + balance).backward()
+        results[routing] = (out, balance, load, [p.grad.clone() for p in moe.parameters()])
+    (out_d, bal_d, load_d, grads_d), (out_e, bal_e, load_e, grads_e) = results["dispatch"], results["einsum"]
+    torch.testing.assert_close(out_d, out_e)
+    torch.testing.assert_close(bal_d, bal_e)
+    assert torch.equal(load_d, load_e) and load_d.sum() == mask.sum() * top_k
+    for g_d, g_e in zip(grads_d, grads_e):
+        torch.testing.assert_close(g_d, g_e)
+    assert out_d[~mask].abs().sum() == 0  # padded positions are not routed
+
+
+# ----------------------------------------------------------------------------- masks and padding
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_changing_padded_positions_changes_no_output(name):
+    model = make_model(name)
+    batch = drop_modality(make_batch(6), "visual", [1])
+    batch = drop_modality(batch, "acoustic", [2])
+    scrambled = scramble_padding(batch)
+    for mode in ("eval", "train"):  # train mode: the auxiliary losses too (dropout is 0 in SMALL)
+        getattr(model, mode)()
+        torch.manual_seed(0)
+        out = model(batch)
+        torch.manual_seed(0)
+        out_scrambled = model(scrambled)
+        torch.testing.assert_close(out["pred"], out_scrambled["pred"])
+        assert out["aux"].keys() == out_scrambled["aux"].keys()
+        for key in out["aux"]:
+            torch.testing.assert_close(out["aux"][key], out_scrambled["aux"][key])
+
+
+def test_padding_scramble_is_visible_without_the_mask():
+    """Guard for the test above: the scrambled values do reach the model when unmasked."""
+    model = make_model("late_fusion").eval()
+    batch = make_batch(6)
+    unmasked = {**batch, **{f"{m}_mask": torch.ones_like(batch[f"{m}_mask"]) for m in DIMS}}
+    scrambled = {**scramble_padding(batch), **{f"{m}_mask": unmasked[f"{m}_mask"] for m in DIMS}}
+    assert not torch.allclose(model(unmasked)["pred"], model(scrambled)["pred"])
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_missing_modalities_per_sample(name):
+    model = make_model(name)
+    batch = make_batch(5)
+    batch = drop_modality(batch, "visual", [0, 2])  # sample 0: text only
+    batch = drop_modality(batch, "acoustic", [0, 1])  # sample 1: text + visual
+    batch = drop_modality(batch, "text", [2, 3])  # sample 2: acoustic only; 3: visual + acoustic
+    out = model(batch)
+    assert out["pred"].shape == (5,) and torch.isfinite(out["pred"]).all()
+    total_loss(out, batch).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+    # a modality missing from the whole batch
+    out = model(drop_modality(batch, "acoustic", list(range(5))))
+    assert torch.isfinite(out["pred"]).all() and all(torch.isfinite(v) for v in out["aux"].values())
+
+
+def test_missing_modality_is_excluded_from_the_gexsent_modality_gate():
+    model = make_model("gexsent").eval()
+    batch = drop_modality(make_batch(4), "visual", [1, 3])
+    weights = model(batch)["extras"]["modality_weights"]  # (B, M) over text, visual, acoustic
+    assert torch.all(weights[[1, 3], 1] == 0) and torch.all(weights[[0, 2], 1] > 0)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(4))
+
+
+# ----------------------------------------------------------------------------- GAM
+def test_a_zero_gate_removes_a_tokens_influence_in_gated_attention():
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 16)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    gates = torch.rand(2, 6, 1) * 0.9 + 0.1
+    gates[:, 2] = 0.0
+    changed = x.clone()
+    changed[:, 2] = 10 * torch.randn(2, 16)  # a completely different token 2
+
+    attention = GatedSelfAttention(16, n_heads=4, gate_bias=True).eval()
+    torch.testing.assert_close(attention(x, mask, gates), attention(changed, mask, gates))
+
+    # the reference's Q/K scaling alone does not silence the token (so the test above can fail)
+    reference = GatedSelfAttention(16, n_heads=4, gate_bias=False).eval()
+    reference.load_state_dict(attention.state_dict())
+    assert not torch.allclose(reference(x, mask, gates), reference(changed, mask, gates))
+
+
+def test_gates_of_one_are_plain_attention():
+    torch.manual_seed(0)
+    attention = GatedSelfAttention(16, n_heads=4).eval()
+    x, mask = torch.randn(2, 5, 16), torch.ones(2, 5, dtype=torch.bool)
+    torch.testing.assert_close(attention(x, mask, torch.ones(2, 5, 1)), attention(x, mask))
+
+
+def test_reference_softmax_mean_gate_is_constant():
+    model = make_model("gexsent", gate="softmax_mean", n_gate_logits=5).eval()
+    gates = model(make_batch(3))["extras"]["token_gates_text"]
+    torch.testing.assert_close(gates, torch.full_like(gates, 1 / 5))
+
+
+# ----------------------------------------------------------------------------- GCE grading and relations
+def errors_of(predictions, labels):
+    return (predictions - labels).abs()  # per-sample L1, what the pair graders' losses give
+
+
+def test_batch_grading_picks_the_minimum_error_pair_and_respects_the_ratio():
+    labels = torch.tensor([1.0, -1.0, 2.0, 0.0])
+    # mean L1 errors: pair 0 -> 0.5, pair 1 -> 1.0, pair 2 -> 0.6
+    predictions = torch.stack([labels + 0.5, labels - 1.0, labels + torch.tensor([0.6, -0.6, 0.6, -0.6])])
+    valid = torch.ones(3, 4, dtype=torch.bool)
+    guides, errors = grade_pairs(errors_of(predictions, labels), valid, ratio=0.7, per_sample=False)
+    torch.testing.assert_close(errors[:, 0], torch.tensor([0.5, 1.0, 0.6]))
+    assert guides[0, 1].all()  # 0.5 < 0.7 * 1.0: pair 0 guides pair 1
+    assert not guides[0, 2].any()  # 0.5 >= 0.7 * 0.6 = 0.42: too close to guide pair 2
+    assert guides.sum() == 4  # nothing else: only the best pair guides, never itself
+
+    # with the guide much better than both, it guides both; a looser ratio also lets 0 guide 2
+    guides, _ = grade_pairs(errors_of(predictions, labels), valid, ratio=0.9, per_sample=False)
+    assert guides[0, 1].all() and guides[0, 2].all() and guides.sum() == 8
+
+
+def test_sample_grading_picks_each_samples_minimum_error_pair():
+    labels = torch.zeros(3)
+    errors = torch.tensor([[0.1, 0.9, 0.5],   # pair 0
+                           [0.8, 0.1, 0.5],   # pair 1
+                           [0.9, 0.8, 0.4]])  # pair 2
+    valid = torch.ones(3, 3, dtype=torch.bool)
+    guides, _ = grade_pairs(errors_of(errors, labels), valid, ratio=0.7, per_sample=True)
+    assert guides[0, 1, 0] and guides[0, 2, 0]  # sample 0: pair 0 guides both
+    assert guides[1, 0, 1] and guides[1, 2, 1]  # sample 1: pair 1 guides both
+    assert not guides[:, :, 2].any()  # sample 2: best is 0.4, not < 0.7 * 0.5
+    assert guides.sum() == 4
+
+    valid[0, 0] = False  # pair 0 cannot be graded on sample 0 (a modality is missing)
+    guides, _ = grade_pairs(errors_of(errors, labels), valid, ratio=0.7, per_sample=True)
+    assert not guides[0, :, 0].any() and not guides[:, 0, 0].any()
+
+
+def test_relation_weights_lie_in_unit_interval_and_loss_vanishes_for_matching_grams():
+    torch.manual_seed(0)
+    relation = RelationFilter(dim=8, relation_dim=4, alpha=0.125)
+    guide, student = torch.randn(6, 8), torch.randn(6, 8)
+    weights = relation.weights(guide, student)
+    assert weights.shape == (6,) and ((weights > 0) & (weights < 1)).all()
+
+    rows = cols = torch.ones(6)
+    assert relation(guide, student, rows, cols) > 0
+    # a rescaled guide has the same cosine Gram matrix: nothing to transfer
+    torch.testing.assert_close(gram(3 * guide), gram(guide))
+    assert relation(guide, 3 * guide, rows, cols).item() == pytest.approx(0.0, abs=1e-6)
+    assert relation(guide, student, torch.zeros(6), cols) == 0  # no rows taught, no loss
+
+
+def test_relation_loss_is_the_weighted_gram_difference_over_the_batch():
+    torch.manual_seed(0)
+    relation = RelationFilter(dim=8, relation_dim=4, alpha=0.125)
+    guide, student = torch.randn(5, 8), torch.randn(5, 8, requires_grad=True)
+    weights = relation.weights(guide, student)
+    expected = ((gram(student) - gram(guide)) ** 2 * weights[:, None]).sum() / 5
+    loss = relation(guide.requires_grad_(), student, torch.ones(5), torch.ones(5))
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert guide.grad is None and student.grad.abs().sum() > 0  # the guide is detached
+
+
+def test_gce_graders_send_no_gradient_into_the_encoders():
+    model = make_model("gce").train()
+    batch = make_batch(6)
+    out = model(batch)
+    out["aux"]["graders"].backward()
+    graders = [*model.unimodal_graders.values(), *model.pair_graders.values()]
+    assert all(sum(p.grad.abs().sum() for p in grader.parameters()) > 0 for grader in graders)
+    upstream = [*model.encoders.parameters(), *model.pair_fusion.parameters(), *model.missing.parameters()]
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in upstream)
+
+    # whereas the task loss does reach them, so the check above can fail
+    model.zero_grad()
+    task_loss(model(batch)["pred"], batch["label"], "regression").backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoders.parameters())
+
+
+def test_gce_relation_loss_appears_only_with_a_guide():
+    model = make_model("gce").train()
+    out = model(make_batch(8))
+    assert set(out["aux"]) == {"contrastive", "graders", "relation"}
+    guides = out["extras"]["guides"]
+    assert (out["aux"]["relation"] > 0) == bool(guides.any())
+    model.config.grading_ratio = 0.0  # nobody is ever good enough to guide
+    assert model(make_batch(8))["aux"]["relation"] == 0
+
+
+def test_contrastive_loss_is_lower_for_aligned_pairs_than_shuffled_ones():
+    torch.manual_seed(0)
+    a = torch.randn(16, 8)
+    b = a + 0.1 * torch.randn(16, 8)
+    shuffled = b[torch.roll(torch.arange(16), 1)]
+    scale = 1 / 0.07
+    assert info_nce(a, b, scale) < 0.5 * info_nce(a, shuffled, scale)
+    assert info_nce(a[:1], b[:1], scale) == 0  # one sample: nothing to contrast
+
+
+@pytest.mark.parametrize("dims,keys", [
+    ({"text": 12, "visual": 10}, {"contrastive", "graders"}),
+    ({"visual": 10}, {"graders"}),
+])
+def test_gce_with_fewer_modalities(dims, keys):
+    model = make_model("gce", dims=dims).train()
+    batch = make_batch(4, dims)
+    out = model(batch)
+    assert set(out["aux"]) == keys and out["pred"].shape == (4,)
+    assert model.relation_filter is None
+    if len(dims) == 1:  # the unimodal path: utterance vector -> summary -> head
+        assert len(model.pair_fusion) == 0
+        model.eval()
+        utterance = model.encoders["visual"](batch["visual"], batch["visual_mask"])
+        expected = model.head(model.unimodal_summary(utterance))[:, 0]
+        torch.testing.assert_close(model(batch)["pred"], expected)
+
+
+# ----------------------------------------------------------------------------- interface
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_batch_size_one(name):
+    model = make_model(name)
+    batch = make_batch(1)
+    for mode in ("train", "eval"):
+        getattr(model, mode)()
+        out = model(batch)
+        assert out["pred"].shape == (1,) and torch.isfinite(out["pred"]).all()
+    model.train()
+    total_loss(model(batch), batch).backward()
+    # sequences of length 1 (a single image frame) too
+    single = {**batch, "visual": batch["visual"][:, :1], "visual_mask": torch.ones(1, 1, dtype=torch.bool)}
+    assert model(single)["pred"].shape == (1,)
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_classification_gives_logits(name):
+    model = make_model(name, task="classification", num_classes=3).train()
+    batch = make_batch(4, task="classification", num_classes=3)
+    out = model(batch)
+    assert out["pred"].shape == (4, 3)
+    total_loss(out, batch, "classification").backward()
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_bfloat16_autocast(name):
+    model = make_model(name).train()
+    batch = make_batch(4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(batch)
+        loss = total_loss(out, batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+def test_config_errors_are_clear():
+    with pytest.raises(ValueError, match="unknown GEXSentConfig key"):
+        build_model("gexsent", DIMS, "regression", 1, {"d_modle": 32})
+    with pytest.raises(ValueError, match="routing"):
+        build_model("gexsent", DIMS, "regression", 1, {"routing": "magic"})
+    with pytest.raises(ValueError, match="needs a text modality"):
+        build_model("text_only", {"visual": 10}, "regression", 1, {})
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("gpt", DIMS, "regression", 1, {})
+    with pytest.raises(ValueError, match="modality"):
+        build_model("gce", {"audio": 4}, "regression", 1, {})
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_overfits_a_small_fixed_batch(name):
+    model = make_model(name).train()
+    batch = make_batch(16, seed=3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(150):
+        out = model(batch)
+        loss = task_loss(out["pred"], batch["label"], "regression")
+        optimizer.zero_grad()
+        (loss + sum(out["aux"].values())).backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert min(losses[-10:]) < 0.1 * losses[0], (losses[0], losses[-10:])
+
+
+# ----------------------------------------------------------------------------- docs and sizes
+@pytest.mark.parametrize("module", [pipeline.models.gexsent, pipeline.models.gce, pipeline.models.baselines])
+def test_docstring_examples_run(module):
+    result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
+
+
+def test_parameter_counts_at_default_sizes(capsys):
+    dims = {"text": 384, "visual": 1280, "acoustic": 45}
+    counts = {}
+    for name, subset in itertools.product(ALL_MODELS, [dims, {"text": 384}]):
+        counts[name, len(subset)] = sum(p.numel() for p in build_model(name, subset, "regression", 1, {}).parameters())
+    with capsys.disabled():
+        print("\nparameters at default sizes (text 384, visual 1280, acoustic 45 | text only):")
+        for name in ALL_MODELS:
+            print(f"  {name:12s} {counts[name, 3]:>10,d} | {counts[name, 1]:>10,d}")
+    assert counts["text_only", 3] == counts["text_only", 1]  # ignores the other modalities
+    assert all(counts[name, 3] > counts[name, 1] for name in ("gexsent", "gce", "late_fusion"))
