@@ -128,3 +128,128 @@ def probe_image(path: str | Path) -> tuple[int, int]:
 
 def as_dict(info) -> dict:
     return asdict(info)
+
+
+# --------------------------------------------------------------------------- decoding
+# The feature stages decode each clip exactly once, front to back: seeking per
+# sampled frame costs a keyframe-to-target decode every time, which on long-GOP
+# H.264 is slower than just decoding everything sequentially.
+
+def sample_times(duration: float, fps: float, max_frames: int = 0) -> "np.ndarray":
+    """Target timestamps: the centres of 1/fps intervals, spread evenly when over max_frames.
+
+    n = max(1, round(duration * fps)) frames, so sequence lengths follow duration and fps;
+    a clip longer than max_frames / fps keeps max_frames frames across its whole length.
+    """
+    import numpy as np
+
+    n = max(1, int(round(duration * fps)))
+    if max_frames and n > max_frames:
+        return (np.arange(max_frames) + 0.5) * (duration / max_frames)
+    return (np.arange(n) + 0.5) / fps
+
+
+def _scaled_size(width: int, height: int, max_short: int) -> tuple[int, int]:
+    short = min(width, height)
+    if not max_short or short <= max_short:
+        return width, height
+    s = max_short / short
+    return max(2, int(round(width * s / 2)) * 2), max(2, int(round(height * s / 2)) * 2)
+
+
+def iter_video_frames(path: str | Path, fps: float, max_frames: int = 0, *, duration: float | None = None,
+                      max_short: int = 0, threads: int = 0):
+    """Yield (timestamp_s, rgb uint8 HxWx3) for frames sampled at `fps`, in one sequential decode.
+
+    For each target time the frame on screen at that moment is taken (the last frame
+    starting at or before it). Only sampled frames are converted to RGB, scaled in
+    swscale so their short side is at most `max_short` (0 = native). `threads` sets
+    FFmpeg's decoder threads (0 = FFmpeg's choice). A decode error after the probe
+    raises MediaError saying how far decoding got.
+    """
+    with _open(path) as container:
+        if not container.streams.video:
+            raise MediaError("no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        if threads:
+            stream.codec_context.thread_count = threads
+        if duration is None:
+            duration = _stream_duration(stream) or (container.duration or 0) / av.time_base
+        rate = float(stream.average_rate or stream.guessed_rate or 25.0)
+        targets = sample_times(float(duration), fps, max_frames)
+        start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+        size = _scaled_size(stream.codec_context.width, stream.codec_context.height, max_short)
+
+        def rgb(frame):
+            return frame.to_ndarray(format="rgb24", width=size[0], height=size[1])
+
+        k, n_decoded, t = 0, 0, 0.0
+        prev = None  # [time, av frame, rgb or None]: the frame on screen until the current one
+        try:
+            for frame in container.decode(stream):
+                t = (float(frame.time) - start) if frame.time is not None else n_decoded / rate
+                n_decoded += 1
+                current = [t, frame, None]
+                while k < len(targets) and targets[k] < t:
+                    shown = prev or current  # a target before the first frame gets the first frame
+                    if shown[2] is None:
+                        shown[2] = rgb(shown[1])
+                    yield shown[0], shown[2]
+                    k += 1
+                if k == len(targets):
+                    return  # every target served: the rest of the clip is never decoded
+                prev = current
+        except av.error.FFmpegError as err:
+            raise MediaError(f"decode failed after {n_decoded} frames ({t:.2f} s): {err}") from None
+        if n_decoded == 0:
+            raise MediaError("no frame could be decoded")
+        end = t + 1.0 / rate
+        if k < len(targets) and end < duration - max(0.5, 0.1 * duration):
+            raise MediaError(f"video stream ends at {end:.2f} s of the {duration:.2f} s probed (truncated file?)")
+        # the remaining targets fall in the last frame's display time or the container's slack after it
+        while k < len(targets):
+            if prev[2] is None:
+                prev[2] = rgb(prev[1])
+            yield prev[0], prev[2]
+            k += 1
+
+
+def read_audio(path: str | Path, sample_rate: int) -> "np.ndarray":
+    """Decode the first audio stream of a file (video or audio) to mono float32 at sample_rate.
+
+    FFmpeg's resampler (via PyAV) does the downmix and resampling while decoding.
+    """
+    import numpy as np
+
+    with _open(path) as container:
+        if not container.streams.audio:
+            raise MediaError("no audio stream")
+        stream = container.streams.audio[0]
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=int(sample_rate))
+        chunks, n_decoded = [], 0
+        try:
+            for frame in container.decode(stream):
+                n_decoded += 1
+                for out in resampler.resample(frame):
+                    chunks.append(out.to_ndarray().reshape(-1))
+            for out in resampler.resample(None):  # flush the resampler's tail
+                chunks.append(out.to_ndarray().reshape(-1))
+        except av.error.FFmpegError as err:
+            raise MediaError(f"audio decode failed after {n_decoded} frames: {err}") from None
+        if not chunks:
+            raise MediaError("no audio could be decoded")
+        return np.concatenate(chunks).astype(np.float32, copy=False)
+
+
+def read_image(path: str | Path) -> "np.ndarray":
+    """A still image as RGB uint8 HxWx3."""
+    import cv2
+
+    path = Path(path)
+    if not path.exists():
+        raise MediaError("missing media file")
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise MediaError("unreadable image")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)

@@ -1,0 +1,6 @@
+"""Feature stages: text, visual, acoustic.
+
+Each module's `run(manifest, params, cache_root, out_path)` plans cache keys,
+extracts what the per-clip cache lacks and writes features/<stage>.parquet via
+the shared runner; `io.read_feature_table` loads a table back.
+"""

@@ -1,0 +1,198 @@
+"""Acoustic features: frame-level librosa descriptors at a fixed hop.
+
+Audio comes from the separate file when the manifest has one, else it is demuxed
+from the clip; FFmpeg downmixes to mono and resamples to `sample_rate` while
+decoding. Per analysis step (hop_ms, window win_ms):
+
+    MFCCs + deltas + delta-deltas, f0 (Hz, 0 when unvoiced) and voicing,
+    RMS energy, spectral centroid, flux and rolloff, zero-crossing rate
+
+then an optional mean-pool over `pool` steps to shorten the sequence. f0 is a
+param: `yin` (fast; voicing = normalised autocorrelation at the YIN period) or
+`pyin` (probabilistic YIN + HMM: better voicing decisions, far slower; voicing =
+its voiced probability). No normalisation here: training computes statistics on
+the train split only. Clips run in parallel (joblib or Dask), each worker writing
+its clip's entry into the shared cache.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from ..cache import FeatureCache, file_sha256, make_key
+from ..compute import Compute, parallel_map
+from ..media import MediaError, read_audio
+from .runner import Extracted, Plan, progress, row_str, run_stage
+
+VERSION = 1
+COLUMNS = {"n_frames": (pa.int32(), "scalar"), "feats": (pa.float32(), "list")}
+N_MELS = 40
+
+
+def feature_names(n_mfcc: int) -> list[str]:
+    mfcc = [f"mfcc_{i}" for i in range(n_mfcc)]
+    return (mfcc + [f"d_{m}" for m in mfcc] + [f"dd_{m}" for m in mfcc]
+            + ["f0_hz", "voicing", "rms", "spectral_centroid", "spectral_flux", "spectral_rolloff", "zcr"])
+
+
+def settings_from(p: dict) -> dict:
+    """The params that change the result (all of them, here)."""
+    f0 = str(p.get("f0", "yin"))
+    if f0 not in ("yin", "pyin"):
+        raise ValueError(f"features.acoustic.f0 must be yin or pyin, not {f0!r}")
+    return {"sample_rate": int(p.get("sample_rate", 16000)), "hop_ms": float(p.get("hop_ms", 10)),
+            "win_ms": float(p.get("win_ms", 25)), "n_mfcc": int(p.get("n_mfcc", 13)), "f0": f0,
+            "fmin": float(p.get("fmin", 60)), "fmax": float(p.get("fmax", 500)), "pool": max(1, int(p.get("pool", 1)))}
+
+
+def acoustic_features(y: np.ndarray, s: dict) -> np.ndarray:
+    """Mono float32 audio at s['sample_rate'] -> (steps, dim) float32, in feature_names order."""
+    import librosa
+
+    sr = s["sample_rate"]
+    hop, win = int(round(sr * s["hop_ms"] / 1000)), int(round(sr * s["win_ms"] / 1000))
+    if len(y) < win:
+        raise MediaError(f"audio shorter than one analysis window ({1000 * len(y) / sr:.1f} ms < {s['win_ms']:g} ms)")
+    n_fft = 1 << (win - 1).bit_length()
+    mag = np.abs(librosa.stft(y, n_fft=n_fft, hop_length=hop, win_length=win, center=True))
+    mel = librosa.feature.melspectrogram(S=mag ** 2, sr=sr, n_fft=n_fft, n_mels=N_MELS)
+    mfcc = librosa.feature.mfcc(S=librosa.power_to_db(mel), n_mfcc=s["n_mfcc"])
+    d1 = librosa.feature.delta(mfcc, order=1, mode="nearest")
+    d2 = librosa.feature.delta(mfcc, order=2, mode="nearest")
+    rms = librosa.feature.rms(S=mag, frame_length=n_fft)
+    centroid = librosa.feature.spectral_centroid(S=mag, sr=sr, n_fft=n_fft)
+    rolloff = librosa.feature.spectral_rolloff(S=mag, sr=sr, n_fft=n_fft)
+    rise = np.diff(mag, axis=1, prepend=mag[:, :1]).clip(min=0)   # positive spectral change only
+    flux = np.sqrt((rise ** 2).sum(axis=0, keepdims=True))
+    zcr = librosa.feature.zero_crossing_rate(y, frame_length=win, hop_length=hop, center=True)
+    f0, voicing = pitch(y, s, hop)
+    parts = [mfcc, d1, d2, f0[None], voicing[None], rms, centroid, flux, rolloff, zcr]
+    steps = min(p.shape[1] for p in parts)  # all centred at the same hop: equal, min() guards off-by-one
+    feats = np.concatenate([p[:, :steps] for p in parts], axis=0).T.astype(np.float32)
+    return pool_steps(feats, s["pool"])
+
+
+def pitch(y: np.ndarray, s: dict, hop: int) -> tuple[np.ndarray, np.ndarray]:
+    """(f0 Hz with 0 where unvoiced, voicing in [0, 1]) per hop."""
+    import librosa
+
+    sr = s["sample_rate"]
+    frame = 1 << int(np.ceil(np.log2(2.2 * sr / s["fmin"])))  # two periods of fmin fit in the window
+    if s["f0"] == "pyin":
+        f0, _, prob = librosa.pyin(y, fmin=s["fmin"], fmax=s["fmax"], sr=sr, frame_length=frame, hop_length=hop,
+                                   center=True)
+        return np.nan_to_num(f0, nan=0.0), prob
+    f0 = librosa.yin(y, fmin=s["fmin"], fmax=s["fmax"], sr=sr, frame_length=frame, hop_length=hop, center=True)
+    # voicing: normalised autocorrelation of each frame at the period YIN chose
+    frames = librosa.util.frame(np.pad(y, frame // 2), frame_length=frame, hop_length=hop)[:, :len(f0)]
+    spec = np.fft.rfft(frames, n=2 * frame, axis=0)
+    acf = np.fft.irfft(np.abs(spec) ** 2, axis=0)[:frame]
+    lag = np.clip(np.round(sr / f0).astype(int), 1, frame - 1)
+    at_lag = acf[lag, np.arange(len(f0))] * frame / (frame - lag)   # unbiased at that lag
+    voicing = np.where(acf[0] > 1e-10, at_lag / np.maximum(acf[0], 1e-10), 0.0).clip(0, 1)
+    return np.where(voicing > 0.5, f0, 0.0), voicing
+
+
+def pool_steps(feats: np.ndarray, k: int) -> np.ndarray:
+    """Mean over consecutive groups of k steps (the last group may be shorter)."""
+    if k <= 1:
+        return feats
+    starts = np.arange(0, len(feats), k)
+    counts = np.diff(np.append(starts, len(feats)))[:, None]
+    return (np.add.reduceat(feats, starts, axis=0) / counts).astype(np.float32)
+
+
+def extract_clip(unit: dict) -> dict:
+    """Work unit (runs in a worker): decode, compute, write the cache entry; return the sizes."""
+    t0 = time.perf_counter()
+    s = unit["settings"]
+    y = read_audio(unit["path"], s["sample_rate"])
+    t1 = time.perf_counter()
+    if not np.isfinite(y).all():
+        raise MediaError("audio has non-finite samples")
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):  # one BLAS thread everywhere: the same sums in the same order on every backend
+        feats = acoustic_features(y, s)
+    FeatureCache(unit["cache_root"], "acoustic").put(unit["key"], {"n_frames": np.int32(len(feats)), "feats": feats})
+    return {"frames": len(feats), "media_s": len(y) / s["sample_rate"],
+            "decode_s": t1 - t0, "features_s": time.perf_counter() - t1}
+
+
+def plan_rows(manifest, settings: dict, cache_root) -> Plan:
+    import librosa
+
+    prefix = ("acoustic", VERSION, librosa.__version__, settings)
+    plan = Plan(ids=list(manifest["id"]), keys=[])
+    for i, row in enumerate(manifest.to_dict("records")):
+        media, audio_path, video_path = row_str(row.get("media")), row_str(row.get("audio_path")), row_str(row.get("video_path"))
+        if media == "image":
+            reason = "no audio (image segment)"
+        elif media != "video" and not audio_path:
+            reason = "no media (transcript-only segment)"
+        elif not audio_path and not row.get("has_audio", True):
+            reason = "no audio track"
+        else:
+            reason = None
+        if reason:
+            plan.keys.append(None)
+            plan.skipped[i] = reason
+            continue
+        path = audio_path or video_path
+        try:  # the separate audio file is what is decoded, so it is what is hashed
+            digest = file_sha256(audio_path) if audio_path else (row_str(row.get("content_hash")) or file_sha256(path))
+        except OSError as err:
+            plan.keys.append(None)
+            plan.skipped[i] = f"unreadable media file ({err.strerror or err})"
+            continue
+        key = make_key(*prefix, digest)
+        plan.keys.append(key)
+        plan.units.setdefault(key, {"key": key, "path": path, "settings": settings, "cache_root": str(cache_root)})
+    return plan
+
+
+def run(manifest, params: dict, cache_root, out_path, show_progress: bool = True) -> dict:
+    """The `acoustic` stage: features.acoustic params, manifest rows -> out_path (Parquet + JSON)."""
+    p = dict(params["features"]["acoustic"])
+    settings = settings_from(p)
+    compute = Compute.from_params(params)
+    cache = FeatureCache(cache_root, "acoustic")
+    plan = plan_rows(manifest, settings, cache_root)
+
+    def extract(todo: dict) -> Extracted:
+        units = list(todo.values())
+        out = Extracted()
+        decode_s = features_s = 0.0
+        bar = progress(total=len(units), desc=f"acoustic ({settings['f0']})", enabled=show_progress)
+        for i, result, error, bad_input in parallel_map(extract_clip, units, compute):
+            bar.update(1)
+            out.clips += 1
+            if error is not None:
+                if bad_input:
+                    cache.put_failure(units[i]["key"], error)
+                else:
+                    out.errors[units[i]["key"]] = error
+                continue
+            out.frames += result["frames"]
+            out.media_s += result["media_s"]
+            decode_s += result["decode_s"]
+            features_s += result["features_s"]
+        bar.close()
+        out.extra = {"worker_decode_s": round(decode_s, 3), "worker_features_s": round(features_s, 3),
+                     "f0": settings["f0"], "workers": compute.workers, "backend": compute.backend}
+        return out
+
+    names = feature_names(settings["n_mfcc"])
+    meta = {"encoder": {"id": "librosa", "revision": _librosa_version()}, "dim": len(names), "feature_names": names,
+            "params": p, "frame_rate_hz": 1000.0 / (settings["hop_ms"] * settings["pool"])}
+    if not plan.units and len(plan.ids):
+        meta["note"] = "no media: nothing to extract"
+    return run_stage("acoustic", plan, cache, extract, COLUMNS, meta, out_path)
+
+
+def _librosa_version() -> str:
+    import librosa
+
+    return librosa.__version__

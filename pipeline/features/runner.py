@@ -1,0 +1,158 @@
+"""The life of a feature stage, shared by text, visual and acoustic.
+
+  1. plan     each manifest row -> a cache key (content hash + encoder + the params
+              that change the result), or a reason it has nothing to extract;
+  2. extract  the stage computes the keys missing from the cache (cache misses
+              only, each distinct key once) and writes every result, or its
+              bad-input failure, into the cache as soon as it is done;
+  3. assemble the Parquet is built from the cache in manifest order and written
+              atomically with its metadata.
+
+So a killed stage resumes at step 2 where it stopped, and a grown corpus only
+extracts what is new. Failures are per segment: rows without a result are listed
+with their reason in the metadata, never silently dropped.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+
+from ..cache import FeatureCache
+from .io import list_array, write_feature_table
+
+
+@dataclass
+class Plan:
+    ids: list[str]                                            # manifest ids, in order
+    keys: list[str | None]                                    # cache key per row; None: see skipped
+    skipped: dict[int, str] = field(default_factory=dict)     # row -> why there is nothing to extract
+    units: dict[str, Any] = field(default_factory=dict)       # key -> work unit (one per distinct key)
+
+
+@dataclass
+class Extracted:
+    """What the stage's extract step reports back."""
+    errors: dict[str, str] = field(default_factory=dict)      # key -> transient failure (not cached)
+    clips: int = 0                                            # units processed
+    frames: int = 0                                           # frames / tokens / analysis steps produced
+    media_s: float = 0.0                                      # seconds of media processed
+    extra: dict = field(default_factory=dict)                 # stage-specific timing
+
+
+# column name -> (arrow value type, "list" | "scalar"); cache entries use the same names
+Columns = dict[str, tuple[pa.DataType, str]]
+
+
+def run_stage(stage: str, plan: Plan, cache: FeatureCache, extract: Callable[[dict], Extracted],
+              columns: Columns, meta: dict, out_path, *, dim_column: str | None = None) -> dict:
+    """Extract what the cache lacks, assemble, write out_path (+ .json). Returns the metadata.
+
+    `meta` may leave "dim" None when only extraction knows it (no encoder is loaded when
+    everything is cached); it is then read off the first result's `dim_column`.
+    """
+    t0 = time.perf_counter()
+    todo = {key: unit for key, unit in plan.units.items() if key not in cache}
+    t1 = time.perf_counter()
+    done = extract(todo) if todo else Extracted()
+    extract_s = time.perf_counter() - t1
+
+    rows, ids, failures, notes = {name: [] for name in columns}, [], [], []
+    for i, (id_, key) in enumerate(zip(plan.ids, plan.keys)):
+        if key is None:
+            failures.append({"id": id_, "reason": plan.skipped[i]})
+            continue
+        entry = cache.get(key)
+        if entry is None:
+            failures.append({"id": id_, "reason": done.errors.get(key, "no result in the cache (extraction interrupted?)")})
+            continue
+        if not entry.ok:
+            failures.append({"id": id_, "reason": entry.meta.get("reason", "unknown")})
+            continue
+        ids.append(id_)
+        for name in columns:
+            rows[name].append(entry.arrays[name])
+        if entry.meta.get("note"):
+            notes.append({"id": id_, "note": entry.meta["note"]})
+
+    arrays = {"id": pa.array(ids, pa.string())}
+    for name, (dtype, kind) in columns.items():
+        if kind == "list":
+            arrays[name] = list_array(rows[name], dtype.to_pandas_dtype())
+        else:
+            arrays[name] = pa.array(np.asarray(rows[name]).reshape(-1).astype(dtype.to_pandas_dtype()), dtype)
+
+    if meta.get("dim") is None:
+        meta["dim"] = int(rows[dim_column][0].shape[-1]) if dim_column and rows[dim_column] else 0
+    n_keys = len(plan.units)
+    meta = {
+        "stage": stage,
+        **meta,
+        "counts": {"segments": len(plan.ids), "ok": len(ids), "failed": len(failures),
+                   "cached": n_keys - len(todo), "extracted": len(todo)},
+        "failures": failures,
+        "notes": notes,
+        "wall_s": round(time.perf_counter() - t0, 3),
+        "throughput": _throughput(done, extract_s),
+    }
+    write_feature_table(out_path, arrays, meta)
+    return meta
+
+
+def _throughput(done: Extracted, seconds: float) -> dict:
+    if not done.clips or seconds <= 0:
+        return {"extract_s": round(seconds, 3), "note": "nothing extracted (all cached or no input)"}
+    return {
+        "extract_s": round(seconds, 3),
+        "clips_per_s": round(done.clips / seconds, 3),
+        "frames_per_s": round(done.frames / seconds, 2),
+        "media_s_per_s": round(done.media_s / seconds, 3),
+        "clips": done.clips, "frames": done.frames, "media_s": round(done.media_s, 3),
+        **done.extra,
+    }
+
+
+def progress(iterable=None, total=None, desc=None, enabled=True, unit="clip"):
+    """tqdm progress bar (to stderr), silent when disabled."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, disable=not enabled, unit=unit, dynamic_ncols=True, leave=False)
+
+
+def row_str(value) -> str:
+    """Manifest strings may arrive as None/NaN from pandas; treat those as empty."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return ""
+    return str(value)
+
+
+def stage_main(stage: str, run: Callable, manifest_path="features/manifest.parquet", out_dir="features") -> int:
+    """Entry point body shared by stages/{text,visual,acoustic}.py (run from the repo root, as DVC does)."""
+    import sys
+    from pathlib import Path
+
+    import pandas as pd
+
+    from ..config import cache_dir, load_params
+    from ..encoders import EncoderUnavailable
+
+    params = load_params()
+    manifest = pd.read_parquet(manifest_path)
+    out = Path(out_dir) / f"{stage}.parquet"
+    try:
+        meta = run(manifest, params, cache_dir(params), out, show_progress=sys.stderr.isatty())
+    except EncoderUnavailable as err:
+        print(f"{stage}: {err}", file=sys.stderr)
+        return 2
+    c, tp = meta["counts"], meta["throughput"]
+    rate = f", {tp['clips_per_s']:.2f} clips/s, {tp['media_s_per_s']:.1f} s media/s" if "clips_per_s" in tp else ""
+    print(f"{stage}: {c['ok']}/{c['segments']} segments -> {out} (dim {meta['dim']}; {c['cached']} cached, "
+          f"{c['extracted']} extracted, {c['failed']} failed) in {meta['wall_s']:.1f} s{rate}")
+    for f in meta["failures"][:5]:
+        print(f"  failed {f['id']}: {f['reason']}")
+    if c["failed"] > 5:
+        print(f"  ... {c['failed'] - 5} more in {out.with_suffix('.json')}")
+    return 0

@@ -1,0 +1,130 @@
+"""Text features: any Hugging Face encoder through AutoTokenizer / AutoModel.
+
+Per segment: the token ids (a later stage fine-tunes the encoder from them), the
+token-level hidden states (mean of the chosen layers; stored as `dtype`), the
+first-token and masked-mean pooled vectors, and whether the transcript was cut
+at max_length. Segments are batched in order of token length so padding stays
+small; on CUDA the model runs under bf16 autocast with SDPA attention.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from ..cache import FeatureCache, make_key, text_sha256
+from ..encoders import autocast, load_text_encoder, pick_device, resolve_text_encoder, text_config
+from .runner import Extracted, Plan, progress, row_str, run_stage
+
+VERSION = 1  # bump when the extraction itself changes: it is part of every cache key
+
+
+def columns(dtype: str) -> dict:
+    return {
+        "n_tokens": (pa.int32(), "scalar"),
+        "token_ids": (pa.int32(), "list"),
+        "hidden": (pa.from_numpy_dtype(np.dtype(dtype)), "list"),
+        "pooled_cls": (pa.float32(), "list"),
+        "pooled_mean": (pa.float32(), "list"),
+        "truncated": (pa.bool_(), "scalar"),
+    }
+
+
+def run(manifest, params: dict, cache_root, out_path, show_progress: bool = True) -> dict:
+    """The `text` stage: features.text params, manifest rows -> out_path (Parquet + JSON)."""
+    p = dict(params["features"]["text"])
+    spec = resolve_text_encoder(str(p["encoder"]))
+    device = pick_device(p.get("device", "auto"))
+    settings = {
+        "max_length": int(p["max_length"]), "layers": [int(i) for i in p.get("layers", [-1])],
+        "lowercase": bool(p.get("lowercase", False)), "dtype": str(p.get("dtype", "float16")),
+        "precision": "bf16" if device.type == "cuda" else "fp32",
+    }
+    prefix = ("text", VERSION, spec.id, spec.revision, settings)
+    texts = [row_str(t) for t in manifest["text"]]
+    plan = Plan(ids=list(manifest["id"]), keys=[make_key(*prefix, text_sha256(t)) for t in texts])
+    durations = manifest["duration"].to_numpy(dtype=float) if "duration" in manifest else np.zeros(len(texts))
+    for key, text, dur in zip(plan.keys, texts, durations):
+        plan.units.setdefault(key, (text, float(dur)))
+
+    cache = FeatureCache(cache_root, "text")
+
+    def extract(todo: dict) -> Extracted:
+        return _extract(todo, spec, device, settings, int(p.get("batch_size", 64)), cache, show_progress)
+
+    meta = {"encoder": spec.as_meta(), "dim": _dim(spec), "params": p, "device": str(device)}
+    return run_stage("text", plan, cache, extract, columns(settings["dtype"]), meta, out_path)
+
+
+def _dim(spec) -> int:
+    return int(text_config(spec).hidden_size)
+
+
+def tokenize(tokenizer, texts: list[str], max_length: int, lowercase: bool) -> tuple[list[list[int]], list[int]]:
+    """Token ids cut to max_length (special tokens kept) and each transcript's full length."""
+    texts = [t.lower() if lowercase else t for t in texts]
+    full = tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
+    cut = tokenizer(texts, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
+    return cut, [len(ids) for ids in full]
+
+
+def _extract(todo: dict, spec, device, settings: dict, batch_size: int, cache: FeatureCache, show: bool) -> Extracted:
+    import torch
+
+    t_load = time.perf_counter()
+    tokenizer, model = load_text_encoder(spec, device)
+    load_s = time.perf_counter() - t_load
+    keys = list(todo)
+    ids, full_lengths = tokenize(tokenizer, [todo[k][0] for k in keys], settings["max_length"], settings["lowercase"])
+    order = np.argsort([len(x) for x in ids], kind="stable")  # similar lengths share a batch
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out, n_tokens, t_model = Extracted(), 0, 0.0
+    bar = progress(total=len(keys), desc="text", enabled=show, unit="seg")
+    for start in range(0, len(keys), batch_size):
+        batch = order[start:start + batch_size]
+        lengths = [len(ids[i]) for i in batch]
+        input_ids = torch.full((len(batch), max(lengths)), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for row, i in enumerate(batch):
+            input_ids[row, :lengths[row]] = torch.tensor(ids[i])
+            mask[row, :lengths[row]] = 1
+        t = time.perf_counter()
+        try:
+            states = encode(model, input_ids.to(device), mask.to(device), settings["layers"], device)
+        except RuntimeError as err:  # e.g. out of memory: these segments fail this run, retried next run
+            for i in batch:
+                out.errors[keys[i]] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+            bar.update(len(batch))
+            continue
+        t_model += time.perf_counter() - t
+        states = states.cpu().numpy()
+        for row, i in enumerate(batch):
+            n = lengths[row]
+            h = states[row, :n]
+            truncated = full_lengths[i] > settings["max_length"]
+            note = f"transcript of {full_lengths[i]} tokens truncated to max_length {settings['max_length']}" \
+                if truncated else ("empty transcript" if not todo[keys[i]][0].strip() else "")
+            cache.put(keys[i], {
+                "n_tokens": np.int32(n), "token_ids": np.asarray(ids[i], np.int32),
+                "hidden": h.astype(settings["dtype"]), "pooled_cls": h[0].astype(np.float32),
+                "pooled_mean": h.mean(axis=0).astype(np.float32), "truncated": np.bool_(truncated),
+            }, note=note)
+            out.media_s += todo[keys[i]][1]
+        n_tokens += int(sum(lengths))
+        bar.update(len(batch))
+    bar.close()
+    out.clips, out.frames = len(keys), n_tokens
+    out.extra = {"tokens_per_s_model": round(n_tokens / t_model, 1) if t_model else None,
+                 "model_s": round(t_model, 3), "load_s": round(load_s, 3)}
+    return out
+
+
+def encode(model, input_ids, mask, layers: list[int], device):
+    """(B, L) ids -> (B, L, dim) float32: the mean of the chosen layers (-1 = the final output)."""
+    import torch
+
+    with torch.inference_mode(), autocast(device):
+        out = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=layers != [-1])
+        picked = [out.last_hidden_state if i == -1 else out.hidden_states[i] for i in layers]
+        return torch.stack(picked).float().mean(dim=0)
