@@ -46,7 +46,7 @@ def _flat_list_column(table, name: str) -> np.ndarray:
     return column.flatten().to_numpy(zero_copy_only=False)
 
 
-def _shrink(seq: np.ndarray, max_steps: int) -> np.ndarray:
+def shrink_sequence(seq: np.ndarray, max_steps: int) -> np.ndarray:
     """Mean-pool a (L, D) sequence down to at most max_steps steps, keeping its time order."""
     if max_steps <= 0 or len(seq) <= max_steps:
         return seq
@@ -82,6 +82,7 @@ def assemble(manifest_path: str | Path, feature_paths: dict[str, str | Path], ou
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     meta = {"task": task, "classes": classes if task == "classification" else None, "segments": n,
+            "max_steps": {m: int(v) for m, v in max_steps.items()},
             "splits": manifest["split"].value_counts().to_dict(), "modalities": {}, "skipped": {}}
 
     for m in MODALITIES:
@@ -102,7 +103,7 @@ def assemble(manifest_path: str | Path, feature_paths: dict[str, str | Path], ou
         sequences: list[np.ndarray | None] = [None] * n
         for j, sid in enumerate(ids):
             if sid in row_of:
-                sequences[row_of[sid]] = _shrink(flat[starts[j]:starts[j + 1]], int(max_steps.get(m, 0)))
+                sequences[row_of[sid]] = shrink_sequence(flat[starts[j]:starts[j + 1]], int(max_steps.get(m, 0)))
         lengths = np.array([0 if s is None else len(s) for s in sequences], np.int64)
         offsets = np.concatenate([[0], np.cumsum(lengths)])
         values = np.concatenate([s for s in sequences if s is not None and len(s)] or [np.zeros((0, dim))]).astype(np.float32)

@@ -131,8 +131,9 @@ def _find_media(raw_dir: Path, video_id: str, clip_id: str, exts) -> Path | None
     return None
 
 
-def _probe_row(row: dict) -> dict:
-    """Fill media metadata into a row that has media; raises MediaError with the reason."""
+def _probe_row(row: dict, require_audio: bool = True) -> dict:
+    """Fill media metadata into a row that has media; raises MediaError with the reason.
+    require_audio False keeps a clip without usable audio (has_audio False, audio masked)."""
     if row["media"] == "image":
         width, height = probe_image(row["image_path"])
         row.update(width=width, height=height, content_hash=file_sha256(row["image_path"]))
@@ -140,8 +141,12 @@ def _probe_row(row: dict) -> dict:
     info = probe_video(row["video_path"])
     row.update(duration=info.duration, fps=info.fps, width=info.width, height=info.height)
     audio_source = row["audio_path"] or (row["video_path"] if info.has_audio else "")
+    hashed = [row["video_path"]] + ([row["audio_path"]] if row["audio_path"] else [])
     if not audio_source:
-        raise MediaError("video has no audio track")
+        if require_audio:
+            raise MediaError("video has no audio track")
+        row.update(note="video has no audio track", content_hash=file_sha256(*hashed))
+        return row
     if row["audio_path"]:
         audio = probe_audio(row["audio_path"])
         rate, channels = audio.sample_rate, audio.channels
@@ -152,19 +157,25 @@ def _probe_row(row: dict) -> dict:
     except (av.error.FFmpegError, ValueError) as err:
         raise MediaError(f"audio track fails to decode ({err.__class__.__name__})") from None
     if peak < SILENCE_PEAK:
-        raise MediaError("silent audio track")
-    hashed = [row["video_path"]] + ([row["audio_path"]] if row["audio_path"] else [])
+        if require_audio:
+            raise MediaError("silent audio track")
+        row.update(note="silent audio track", content_hash=file_sha256(*hashed))
+        return row
     row.update(has_audio=True, audio_sample_rate=rate, audio_channels=channels, content_hash=file_sha256(*hashed))
     return row
 
 
 def build_manifest(data: dict, workers: int = 8, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Read the corpus described by params' `data:` section -> (manifest, rejects)."""
+    """Read the corpus described by params' `data:` section -> (manifest, rejects).
+
+    `data.require_audio` (default true) rejects clips without a usable audio track;
+    false keeps them with has_audio False (their acoustic features are masked)."""
     root = Path(data["root"])
     task = data.get("task", "regression")
     if task not in ("regression", "classification"):
         raise PrepareError(f"data.task must be regression or classification, not {task!r}")
     classes = list(data.get("classes") or [])
+    require_audio = bool(data.get("require_audio", True))
     if task == "classification" and not classes:
         raise PrepareError("data.task is classification but data.classes is empty")
     raw_dir = root / "Raw"
@@ -237,7 +248,7 @@ def build_manifest(data: dict, workers: int = 8, progress: bool = True) -> tuple
 
     def probe(candidate):
         try:
-            return _probe_row(candidate), None
+            return _probe_row(candidate, require_audio), None
         except MediaError as err:
             return candidate, str(err)
 

@@ -94,6 +94,14 @@ class TextFinetune(torch.nn.Module):
         return self.fusion(batch)
 
 
+def _load_text_encoder(name: str) -> torch.nn.Module:
+    """The same encoder (preset, folder or hub id) that produced the stored token ids."""
+    from .encoders import load_text_encoder, resolve_text_encoder  # heavy: only when fine-tuning
+
+    _, encoder = load_text_encoder(resolve_text_encoder(name), "cpu")
+    return encoder
+
+
 def task_loss(pred: torch.Tensor, label: torch.Tensor, task: str) -> torch.Tensor:
     return F.cross_entropy(pred.float(), label) if task == "classification" else F.l1_loss(pred.float(), label)
 
@@ -173,9 +181,8 @@ def train_model(name: str, data_dir: str | Path, out_dir: str | Path, model_para
     if cfg.text_finetune:
         if "text" not in data.modalities:
             raise ValueError("model.text_finetune needs text features")
-        from .encoders import load_text_encoder  # heavy: only when fine-tuning
-        encoder = load_text_encoder(text_encoder or data.meta["modalities"]["text"]["encoder"]["id"])
-        model = TextFinetune(encoder, model)
+        text_encoder = text_encoder or data.meta["modalities"]["text"]["encoder"]["name"]
+        model = TextFinetune(_load_text_encoder(text_encoder), model)
     model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{name}: {n_params:,} parameters, modalities {data.modalities}, device {device}, world size {world}")
@@ -315,6 +322,7 @@ def _checkpoint(name, model, data: AssembledData, cfg: TrainConfig, arch_params,
                    "text_finetune": cfg.text_finetune, "text_encoder": text_encoder,
                    "feature_params": {m: data.meta["modalities"][m]["params"] for m in data.modalities},
                    "encoders": {m: data.meta["modalities"][m]["encoder"] for m in data.modalities},
+                   "max_steps": data.meta.get("max_steps", {}),
                    "epoch": epoch},
         "norm": {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in data.norm.items()},
     }
@@ -329,7 +337,6 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     cfg = ckpt["config"]
     model = build_model(cfg["name"], cfg["input_dims"], cfg["task"], cfg["num_classes"], cfg["arch"])
     if cfg["text_finetune"]:
-        from .encoders import load_text_encoder
-        model = TextFinetune(load_text_encoder(cfg["text_encoder"] or cfg["encoders"]["text"]["id"]), model)
+        model = TextFinetune(_load_text_encoder(cfg["text_encoder"]), model)
     model.load_state_dict(ckpt["state_dict"])
     return model.to(device).eval(), ckpt
