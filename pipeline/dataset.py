@@ -32,7 +32,8 @@ import torch
 MODALITIES = ("text", "visual", "acoustic")
 SEQUENCE_COLUMN = {"text": "hidden", "visual": "emb", "acoustic": "feats"}
 LENGTH_COLUMN = {"text": "n_tokens", "visual": "n_frames", "acoustic": "n_frames"}
-STD_FLOOR = 1e-6
+STD_FLOOR = 1e-3   # features nearly constant on train (e.g. a dead CNN channel) are not blown up
+CLIP_SIGMAS = 20.0  # normalised values are clipped: a 20-sigma step is an outlier, and float16 must not overflow
 
 
 def read_feature_meta(path: str | Path) -> dict:
@@ -108,7 +109,7 @@ def assemble(manifest_path: str | Path, feature_paths: dict[str, str | Path], ou
         offsets = np.concatenate([[0], np.cumsum(lengths)])
         values = np.concatenate([s for s in sequences if s is not None and len(s)] or [np.zeros((0, dim))]).astype(np.float32)
         mean, std = _moments(values, offsets, train_rows)
-        values = ((values - mean) / std).astype(np.float16)
+        values = np.clip((values - mean) / std, -CLIP_SIGMAS, CLIP_SIGMAS).astype(np.float16)
         np.save(out / f"{m}.values.npy", values)
         np.save(out / f"{m}.offsets.npy", offsets)
         norm = {f"{m}_mean": mean, f"{m}_std": std}
@@ -127,7 +128,8 @@ def assemble(manifest_path: str | Path, feature_paths: dict[str, str | Path], ou
                     id_seqs[row_of[sid]] = token_ids[id_starts[j]:id_starts[j + 1]]
             p_mean = pooled[np.intersect1d(train_rows, np.flatnonzero(present))].mean(0) if present[train_rows].any() else np.zeros(dim, np.float32)
             p_std = np.maximum(pooled[np.intersect1d(train_rows, np.flatnonzero(present))].std(0), STD_FLOOR) if present[train_rows].any() else np.ones(dim, np.float32)
-            np.save(out / "text_pooled.npy", ((pooled - p_mean) / p_std * present[:, None]).astype(np.float32))
+            pooled = np.clip((pooled - p_mean) / p_std, -CLIP_SIGMAS, CLIP_SIGMAS) * present[:, None]
+            np.save(out / "text_pooled.npy", pooled.astype(np.float32))
             np.save(out / "text_ids.values.npy", np.concatenate(id_seqs) if n else np.zeros(0, np.int32))
             np.save(out / "text_ids.offsets.npy", np.concatenate([[0], np.cumsum([len(s) for s in id_seqs])]).astype(np.int64))
             norm.update(text_pooled_mean=p_mean.astype(np.float32), text_pooled_std=p_std.astype(np.float32))

@@ -52,12 +52,17 @@ def _channels(codec_context) -> int:
     return int(getattr(codec_context, "channels", 0) or 0)
 
 
-def _open(path: str | Path):
+def _existing(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise MediaError("missing media file")
     if path.stat().st_size == 0:
         raise MediaError("zero-length media file")
+    return path
+
+
+def _open(path: str | Path):
+    path = _existing(path)
     try:
         return av.open(str(path))
     except (av.error.FFmpegError, OSError, ValueError) as err:
@@ -114,11 +119,7 @@ def probe_image(path: str | Path) -> tuple[int, int]:
     """(width, height) of a still image, read from its header."""
     from PIL import Image, UnidentifiedImageError
 
-    path = Path(path)
-    if not path.exists():
-        raise MediaError("missing media file")
-    if path.stat().st_size == 0:
-        raise MediaError("zero-length media file")
+    path = _existing(path)
     try:
         with Image.open(path) as im:
             return im.size

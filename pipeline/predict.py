@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import torch
 
 from .config import cache_dir
-from .dataset import SEQUENCE_COLUMN, shrink_sequence, read_feature_meta
+from .dataset import CLIP_SIGMAS, SEQUENCE_COLUMN, read_feature_meta, shrink_sequence
 from .metrics import SEVEN_CLASS_NAMES, seven_class
 from .prepare import build_manifest
 
@@ -57,12 +57,13 @@ def _features_for(manifest, ckpt: dict, workdir: Path, cache_root) -> tuple[dict
             continue
         seq = table.column(SEQUENCE_COLUMN[m])[0].values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
         seq = shrink_sequence(seq, int(cfg.get("max_steps", {}).get(m, 0)))
-        seq = (seq - norm[f"{m}_mean"]) / norm[f"{m}_std"]
+        seq = np.clip((seq - norm[f"{m}_mean"]) / norm[f"{m}_std"], -CLIP_SIGMAS, CLIP_SIGMAS)
         batch[m] = torch.from_numpy(seq.astype(np.float16).astype(np.float32))[None]
         batch[f"{m}_mask"] = torch.ones(1, len(seq), dtype=torch.bool)
         if m == "text":
             pooled = table.column("pooled_mean")[0].values.to_numpy(zero_copy_only=False).astype(np.float32)
-            batch["text_pooled"] = torch.from_numpy((pooled - norm["text_pooled_mean"]) / norm["text_pooled_std"])[None]
+            pooled = np.clip((pooled - norm["text_pooled_mean"]) / norm["text_pooled_std"], -CLIP_SIGMAS, CLIP_SIGMAS)
+            batch["text_pooled"] = torch.from_numpy(pooled.astype(np.float32))[None]
             ids = table.column("token_ids")[0].values.to_numpy(zero_copy_only=False).astype(np.int64)
             batch["token_ids"] = torch.from_numpy(ids)[None]
             batch["token_mask"] = torch.ones(1, len(ids), dtype=torch.bool)

@@ -15,7 +15,6 @@ headers only; the audio track is decoded (no video decode) to catch silence.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import math
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +25,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from .cache import file_sha256, make_key
 from .media import AUDIO_EXTS, IMAGE_EXTS, VIDEO_EXTS, MediaError, probe_audio, probe_image, probe_video
 
 REQUIRED_COLUMNS = ("video_id", "clip_id", "text", "label", "mode")
@@ -50,13 +50,9 @@ def segment_id(video_id: str, clip_id: str) -> str:
     return f"{video_id}/{clip_id}"
 
 
-def file_sha256(*paths: str | Path) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
+def content_hash(*paths: str | Path) -> str:
+    """sha256 of one media file, or of the concatenated digests of a clip and its audio file."""
+    return file_sha256(paths[0]) if len(paths) == 1 else make_key(*(file_sha256(p) for p in paths))
 
 
 def audio_peak(path: str | Path) -> float:
@@ -136,7 +132,7 @@ def _probe_row(row: dict, require_audio: bool = True) -> dict:
     require_audio False keeps a clip without usable audio (has_audio False, audio masked)."""
     if row["media"] == "image":
         width, height = probe_image(row["image_path"])
-        row.update(width=width, height=height, content_hash=file_sha256(row["image_path"]))
+        row.update(width=width, height=height, content_hash=content_hash(row["image_path"]))
         return row
     info = probe_video(row["video_path"])
     row.update(duration=info.duration, fps=info.fps, width=info.width, height=info.height)
@@ -145,7 +141,7 @@ def _probe_row(row: dict, require_audio: bool = True) -> dict:
     if not audio_source:
         if require_audio:
             raise MediaError("video has no audio track")
-        row.update(note="video has no audio track", content_hash=file_sha256(*hashed))
+        row.update(note="video has no audio track", content_hash=content_hash(*hashed))
         return row
     if row["audio_path"]:
         audio = probe_audio(row["audio_path"])
@@ -159,9 +155,9 @@ def _probe_row(row: dict, require_audio: bool = True) -> dict:
     if peak < SILENCE_PEAK:
         if require_audio:
             raise MediaError("silent audio track")
-        row.update(note="silent audio track", content_hash=file_sha256(*hashed))
+        row.update(note="silent audio track", content_hash=content_hash(*hashed))
         return row
-    row.update(has_audio=True, audio_sample_rate=rate, audio_channels=channels, content_hash=file_sha256(*hashed))
+    row.update(has_audio=True, audio_sample_rate=rate, audio_channels=channels, content_hash=content_hash(*hashed))
     return row
 
 
