@@ -19,7 +19,7 @@ import pytest
 from conftest import REPO
 
 MODELS = ("gexsent", "gce", "text_only", "late_fusion")
-FUSION_MARGIN = 0.10  # test MAE points by which each fusion model must beat text_only
+FUSION_MARGIN = 0.15  # test MAE points by which each fusion model must beat text_only
 
 
 def _run(args, cwd, env):
