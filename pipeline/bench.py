@@ -1,9 +1,11 @@
-"""Benchmarks. One subcommand per part of the pipeline (add `train` beside `features`).
+"""Benchmarks. One subcommand per part of the pipeline: `features` and `train`.
 
     python -m pipeline.bench features                          # 90-clip demo corpus, params.yaml as is
     python -m pipeline.bench features --clips 2200 --size 480x360 \\
         --set features.text.encoder=modernbert-base --set features.visual.encoder=clip-vit-b-32
     python -m pipeline.bench features --corpus raw/demo --set features.visual.encoder=random:clip-vit-b-32
+    python -m pipeline.bench features --rss-sizes 200 2000     # + peak memory at two corpus sizes
+    python -m pipeline.bench train                             # MOSI-sized synthetic features, every model
 
 `features` makes (or takes, with --corpus) a corpus in the MMSA layout, builds its
 manifest with `prepare`, runs text, visual and acoustic cold (fresh cache) and
@@ -15,18 +17,36 @@ corpus's own batch shapes), and prints achieved / ceiling. Acoustic is timed
 with yin and with pyin on the same clips. `random:<preset>` encoders are the
 production architectures with random weights, for machines that cannot download
 the real ones (throughput does not depend on the weights).
+
+With --rss-sizes, the same stages then run once per size on a generated corpus of
+that many clips, each in a fresh process (peak RSS only ever rises within one
+process), and it prints the peak RSS of the stage process, of its largest worker and
+of its whole process tree (sampled), and whether the peak grows with the corpus. Pick
+sizes well above the encoders' batch sizes (64): a corpus that never fills a batch
+has a lower peak for that reason alone.
+
+`train` writes MOSI-sized feature tables (2,199 segments, 1,284 train; text 768-d x
+~30 tokens as ModernBERT-base, visual 512-d x ~30 frames as CLIP ViT-B-32, acoustic
+46-d x ~128 steps; all options), assembles them with the pipeline's `assemble`, and
+trains each model for a few epochs with the training loop's own pieces (the same
+batches, loss, AdamW, clipping, bf16 autocast on CUDA). It prints samples/s, step
+time, seconds per epoch (training pass + validation pass, as `train_model` runs
+them), the part of the step spent building batches, and on CUDA the peak GPU memory.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import yaml
 
 
@@ -42,16 +62,20 @@ def _set(params: dict, assignment: str) -> None:
 def _corpus(args, workdir: Path) -> Path:
     if args.corpus:
         return Path(args.corpus)
-    from .demo import generate_corpus
-
     out = Path(args.out) if args.out else workdir / "corpus"
     if (out / "label.csv").is_file() and sum(1 for _ in open(out / "label.csv")) - 1 == args.clips:
         print(f"corpus: reusing {out} ({args.clips} clips)")
         return out
+    return _generate(out, args.clips, args.size, args.seed)
+
+
+def _generate(out: Path, clips: int, size: str, seed: int) -> Path:
+    from .demo import generate_corpus
+
     t = time.perf_counter()
-    width, height = (int(v) for v in args.size.lower().split("x"))
-    generate_corpus(out, args.clips, seed=args.seed, size=(width, height), jobs=max(1, os.cpu_count() or 1))
-    print(f"corpus: generated {args.clips} clips ({args.size}) in {out} in {time.perf_counter() - t:.1f} s")
+    width, height = (int(v) for v in size.lower().split("x"))
+    generate_corpus(out, clips, seed=seed, size=(width, height), jobs=max(1, os.cpu_count() or 1))
+    print(f"corpus: generated {clips} clips ({size}) in {out} in {time.perf_counter() - t:.1f} s")
     return out
 
 
@@ -150,22 +174,25 @@ def features(args) -> int:
             total += wall
             tp = meta["throughput"]
             report["stages"][name] = {"wall_s": wall, "throughput": tp, "encoder": meta["encoder"],
-                                      "ok": meta["counts"]["ok"], "failed": meta["counts"]["failed"]}
+                                      "ok": meta["counts"]["ok"], "failed": meta["counts"]["failed"],
+                                      "peak_rss_mb_so_far": _own_peak_rss_mb()}  # the process peak only rises
             unit = "tokens" if name == "text" else ("analysis steps" if name == "acoustic" else "frames")
             print(f"{name:9s} {wall:7.1f} s  {tp.get('clips_per_s', 0):8.2f} clips/s  {tp.get('frames_per_s', 0):9.1f} "
                   f"{unit}/s  {tp.get('media_s_per_s', 0):7.1f} s media/s  ({meta['counts']['ok']} ok, "
                   f"{meta['counts']['failed']} failed; encoder {meta['encoder'].get('id')})")
         print(f"all {len(stages)} stages: {total:.1f} s for {len(manifest)} clips ({media_s / 60:.1f} min of media)")
         report["total_s"] = total
+        report["peak_rss_mb"] = _own_peak_rss_mb()
+        print(f"peak RSS of this process so far: {report['peak_rss_mb']:.0f} MiB (workers not included)")
 
-        if "text" in stages:
+        if "text" in stages and not args.no_ceilings:
             ceiling = text_ceiling(manifest, params)
             tp = report["stages"]["text"]["throughput"]
             steady = tp["clips"] / max(1e-9, tp["extract_s"] - tp.get("load_s", 0))
             report["stages"]["text"]["ceiling"] = ceiling
             print(f"text      encoder ceiling {ceiling['segments_per_s']:.1f} segments/s (random ids, same batch shapes); "
                   f"achieved {steady:.1f} segments/s without model load = {steady / ceiling['segments_per_s']:.0%}")
-        if "visual" in stages:
+        if "visual" in stages and not args.no_ceilings:
             ceil = visual_ceilings(manifest, params)
             achieved = report["stages"]["visual"]["throughput"]["frames_per_s"]
             bound = min(ceil["decode"]["frames_per_s"], ceil["encoder"]["frames_per_s"])
@@ -185,8 +212,245 @@ def features(args) -> int:
             report["stages"]["acoustic"]["f0_media_s_per_s"] = rates
             print(f"acoustic  f0 on {len(subset)} clips: yin {rates['yin']:.1f} s media/s, pyin {rates['pyin']:.2f} "
                   f"s media/s (pyin {rates['yin'] / rates['pyin']:.0f}x slower)")
+        if args.rss_sizes:
+            report["rss"] = rss_by_corpus_size(args, workdir)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1, default=float))
+    return 0
+
+
+# --------------------------------------------------------------------------- memory
+
+def _own_peak_rss_mb() -> float:
+    """This process's peak RSS. Linux: VmHWM, because getrusage's ru_maxrss survives exec, so a
+    child started by a big parent (this benchmark's own --rss-sizes runs) would report the parent's."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024  # kB
+    except (OSError, StopIteration):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / (1024 if sys.platform == "darwin" else 1)
+
+
+def run_sampling_rss(cmd: list[str], interval: float = 0.1) -> tuple[subprocess.CompletedProcess, float, float]:
+    """Run cmd; return it, the peak summed RSS (MiB) of its process tree, and the largest peak RSS of
+    any one process under it (a worker), sampled every `interval` seconds."""
+    import psutil
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    tree_peak, worker_peak = 0, 0
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)  # never block on a full pipe
+    reader.start()
+    root = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        total = 0
+        try:
+            tree = [root] + root.children(recursive=True)
+        except psutil.Error:
+            tree = []
+        for p in tree:
+            try:
+                rss = p.memory_info().rss
+            except psutil.Error:  # exited between listing and reading
+                continue
+            total += rss
+            if p is not root:
+                worker_peak = max(worker_peak, rss)
+        tree_peak = max(tree_peak, total)
+        time.sleep(interval)
+    reader.join()
+    return subprocess.CompletedProcess(cmd, proc.returncode, "".join(lines)), tree_peak / 2**20, worker_peak / 2**20
+
+
+def rss_by_corpus_size(args, workdir: Path) -> list[dict]:
+    """The stages, cold, on generated corpora of each size, each in a fresh process; peak RSS of each run."""
+    rows = []
+    for clips in args.rss_sizes:
+        root = _generate(workdir / f"corpus-{clips}", clips, args.size, args.seed)
+        out = workdir / f"rss-{clips}.json"
+        cmd = [sys.executable, "-m", "pipeline.bench", "features", "--corpus", str(root), "--params", args.params,
+               "--stages", args.stages, "--pyin-clips", "0", "--no-ceilings", "--json", str(out)]
+        for assignment in args.set or []:
+            cmd += ["--set", assignment]
+        done, tree_peak, worker_peak = run_sampling_rss(cmd)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}")
+        child = json.loads(out.read_text())
+        after = {name: round(stage["peak_rss_mb_so_far"]) for name, stage in child["stages"].items()}
+        rows.append({"clips": clips, "wall_s": child["total_s"], "stage_process_peak_mb": child["peak_rss_mb"],
+                     "worker_peak_mb": worker_peak, "tree_peak_mb": tree_peak, "stage_process_peak_after_mb": after})
+        print(f"rss       {clips:6d} clips: {child['total_s']:7.1f} s, peak RSS {child['peak_rss_mb']:6.0f} MiB stage "
+              f"process, {worker_peak:6.0f} MiB largest worker, {tree_peak:6.0f} MiB whole tree (sampled); "
+              f"stage process peak after " + ", ".join(f"{k} {v}" for k, v in after.items()))
+    if len(rows) >= 2:
+        small, big = rows[0], rows[-1]
+        for what in ("stage_process_peak_mb", "worker_peak_mb", "tree_peak_mb"):
+            if not small[what]:  # no workers (inline)
+                continue
+            change = big[what] / small[what] - 1
+            print(f"rss       {what.replace('_mb', '').replace('_', ' ')}: {small[what]:.0f} -> {big[what]:.0f} MiB "
+                  f"for {small['clips']} -> {big['clips']} clips ({change:+.0%}): "
+                  + ("GROWS with the corpus" if change > 0.1 else "flat (within 10%)"))
+    return rows
+
+
+# --------------------------------------------------------------------------- training
+
+def write_synthetic_features(root: Path, segments: int, n_train: int, n_valid: int, dims: dict, steps: dict,
+                             seed: int = 0) -> Path:
+    """Manifest + text/visual/acoustic Parquets in the feature stages' contract (pipeline.features.io),
+    random numbers with each modality's dims and mean sequence length (0.5x to 1.5x, uniform)."""
+    import pandas as pd
+
+    from .features import acoustic, text, visual
+    from .features.io import list_array, write_feature_table
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    ids = [f"v{i // 20:04d}/{i % 20}" for i in range(segments)]
+    split = np.array(["train"] * n_train + ["valid"] * n_valid + ["test"] * (segments - n_train - n_valid))
+    pd.DataFrame({"id": ids, "video_id": [i.split("/")[0] for i in ids], "clip_id": [i.split("/")[1] for i in ids],
+                  "split": split, "label": rng.uniform(-3, 3, segments).round(1), "label_name": "",
+                  "text": "x"}).to_parquet(root / "manifest.parquet")
+    columns = {"text": text.columns("float16"), "visual": visual.columns("float16"), "acoustic": acoustic.COLUMNS}
+    for m, dim in dims.items():
+        lengths = rng.integers(max(1, steps[m] // 2), steps[m] * 3 // 2 + 1, segments)
+        seqs = [rng.standard_normal((n, dim), dtype=np.float32) for n in lengths]
+        arrays = {"id": pa.array(ids, pa.string())}
+        for name, (dtype, kind) in columns[m].items():
+            if name in ("hidden", "emb", "feats"):
+                rows = seqs
+            elif name in ("n_tokens", "n_frames"):
+                rows = lengths
+            elif name == "token_ids":
+                rows = [rng.integers(5, 30000, n).astype(np.int32) for n in lengths]
+            elif name in ("pooled_cls", "pooled_mean"):
+                rows = [s[0] if name == "pooled_cls" else s.mean(0) for s in seqs]
+            elif name == "timestamps":
+                rows = [np.arange(n, dtype=np.float32) / 3 for n in lengths]
+            elif name == "face_found":
+                rows = [np.ones(n, bool) for n in lengths]
+            else:  # truncated
+                rows = np.zeros(segments, bool)
+            np_type = dtype.to_pandas_dtype()
+            arrays[name] = list_array(list(rows), np_type) if kind == "list" else pa.array(np.asarray(rows, np_type), dtype)
+        write_feature_table(root / f"{m}.parquet", arrays, {"stage": m, "dim": dim, "params": {},
+                                                           "encoder": {"id": f"synthetic-{m}", "revision": "0"}})
+    return root
+
+
+def bench_model(name: str, data_dir: Path, cfg, arch: dict, device, epochs: int) -> dict:
+    """Train `name` for `epochs` epochs the way train_model does; time every epoch after the first."""
+    import torch
+
+    from .dataset import AssembledData
+    from .models import build_model
+    from .train import _lr_lambda, _to, predict_rows, task_loss
+
+    torch.manual_seed(cfg.seed)
+    data = AssembledData(data_dir, modalities=["text"] if name == "text_only" else list(cfg.modalities))
+    model = build_model(name, data.input_dims, data.task, 1, arch).to(device)
+    train_rows, valid_rows = data.split_rows("train"), data.split_rows("valid")
+    collate_s = [0.0]
+
+    def collate(idx):
+        t = time.perf_counter()
+        batch = data.batch(train_rows[idx])
+        collate_s[0] += time.perf_counter() - t
+        return batch
+
+    generator = torch.Generator().manual_seed(cfg.seed)
+    loader = torch.utils.data.DataLoader(range(len(train_rows)), batch_size=cfg.batch_size, shuffle=True,
+                                         generator=generator, collate_fn=collate)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(epochs * len(loader), cfg.warmup))
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    timed = []
+    for epoch in range(epochs):
+        model.train()
+        collate_s[0] = 0.0
+        sync()
+        t0 = time.perf_counter()
+        for batch in loader:
+            batch = _to(batch, device)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+                out = model(batch)
+            loss = task_loss(out["pred"], batch["label"], data.task) + sum(out.get("aux", {}).values())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+        loss.item()  # waits for the last step
+        sync()
+        t1 = time.perf_counter()
+        predict_rows(model, data, valid_rows, device, cfg.eval_batch_size, False)
+        sync()
+        t2 = time.perf_counter()
+        if epoch > 0 or epochs == 1:  # the first epoch pays one-off costs (allocator, kernel selection, page cache)
+            timed.append({"train_s": t1 - t0, "valid_s": t2 - t1, "collate_s": collate_s[0]})
+    mean = {k: float(np.mean([e[k] for e in timed])) for k in timed[0]}
+    steps = len(loader)
+    return {"model": name, "params": sum(p.numel() for p in model.parameters()), "steps_per_epoch": steps,
+            "samples_per_s": len(train_rows) / mean["train_s"], "step_ms": 1000 * mean["train_s"] / steps,
+            "batch_build_ms": 1000 * mean["collate_s"] / steps, "train_s": mean["train_s"],
+            "valid_s": mean["valid_s"], "epoch_s": mean["train_s"] + mean["valid_s"], "epochs_timed": len(timed),
+            "gpu_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None}
+
+
+def train(args) -> int:
+    import torch
+
+    from .config import load_params
+    from .dataset import AssembledData, assemble
+    from .train import TrainConfig, resolve_device
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    params = load_params(args.params)
+    for assignment in args.set or []:
+        _set(params, assignment)
+    model_params = {**params["model"], "device": args.device}
+    if args.batch_size:
+        model_params["batch_size"] = args.batch_size
+    cfg = TrainConfig.from_params(model_params)
+    device = resolve_device(cfg.device)
+    dims = {"text": args.text_dim, "visual": args.visual_dim, "acoustic": args.acoustic_dim}
+    steps = {"text": args.text_steps, "visual": args.visual_steps, "acoustic": args.acoustic_steps}
+    with tempfile.TemporaryDirectory(prefix="msa-bench-train-") as tmp:
+        t = time.perf_counter()
+        features = write_synthetic_features(Path(tmp) / "features", args.segments, args.train, args.valid, dims, steps,
+                                            args.seed)
+        meta = assemble(features / "manifest.parquet", {m: features / f"{m}.parquet" for m in dims},
+                        Path(tmp) / "dataset", max_steps=params.get("assemble", {}).get("max_steps"))
+        data = AssembledData(Path(tmp) / "dataset")
+        shape = ", ".join(f"{m} {v['dim']}-d x {v['mean_len']:.0f} steps" for m, v in meta["modalities"].items())
+        gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPU cores"
+        print(f"data: {args.segments} segments ({len(data.split_rows('train'))} train, "
+              f"{len(data.split_rows('valid'))} valid), {shape} after assemble; built in {time.perf_counter() - t:.1f} s")
+        print(f"device {device} ({gpu}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
+              f"batch {cfg.batch_size}, {args.epochs} epochs per model (first untimed)")
+        results = []
+        for name in args.models.split(","):
+            results.append(bench_model(name, Path(tmp) / "dataset", cfg, params.get(name) or {}, device, args.epochs))
+            r = results[-1]
+            print(f"  {name}: {r['epoch_s']:.2f} s/epoch", flush=True)
+    header = f"{'model':12s} {'params':>10s} {'samples/s':>10s} {'step ms':>8s} {'of which batch ms':>17s} " \
+             f"{'train s':>8s} {'valid s':>8s} {'s/epoch':>8s} {'GPU peak MiB':>12s}"
+    print(header)
+    for r in results:
+        peak = f"{r['gpu_peak_mb']:.0f}" if r["gpu_peak_mb"] is not None else "-"
+        print(f"{r['model']:12s} {r['params']:10,d} {r['samples_per_s']:10.0f} {r['step_ms']:8.1f} "
+              f"{r['batch_build_ms']:17.1f} {r['train_s']:8.2f} {r['valid_s']:8.2f} {r['epoch_s']:8.2f} {peak:>12s}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": str(device), "hardware": gpu, "segments": args.segments,
+                                               "dims": dims, "steps": steps, "batch_size": cfg.batch_size,
+                                               "models": results}, indent=1))
     return 0
 
 
@@ -207,7 +471,33 @@ def main(argv=None) -> int:
     f.add_argument("--pyin-clips", type=int, default=10, help="clips timed with yin and pyin (0: skip)")
     f.add_argument("--json", help="also write the figures here")
     f.add_argument("--progress", action="store_true", help="show progress bars")
+    f.add_argument("--no-ceilings", action="store_true", help="skip the decode-only and encoder-only ceilings")
+    f.add_argument("--rss-sizes", type=int, nargs="+", metavar="CLIPS",
+                   help="also measure peak RSS on generated corpora of these sizes, e.g. 200 2000")
     f.set_defaults(run=features)
+
+    t = sub.add_parser("train", help="training: samples/s, step time, s/epoch, GPU memory peak",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("--models", default="gce,gexsent,text_only,late_fusion")
+    t.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    t.add_argument("--epochs", type=int, default=3, help="per model; the first is not timed")
+    t.add_argument("--batch-size", type=int, help="default: model.batch_size")
+    t.add_argument("--segments", type=int, default=2199, help="MOSI: 2199 (MOSEI: ~23000)")
+    t.add_argument("--train", type=int, default=1284, help="training segments (MOSI: 1284)")
+    t.add_argument("--valid", type=int, default=229, help="validation segments (MOSI: 229)")
+    t.add_argument("--text-dim", type=int, default=768, help="ModernBERT-base 768, MiniLM 384")
+    t.add_argument("--visual-dim", type=int, default=512, help="CLIP ViT-B-32 512, EfficientNet-Lite0 1280")
+    t.add_argument("--acoustic-dim", type=int, default=46)
+    t.add_argument("--text-steps", type=int, default=30, help="mean tokens per segment")
+    t.add_argument("--visual-steps", type=int, default=30, help="mean frames per segment")
+    t.add_argument("--acoustic-steps", type=int, default=128, help="mean acoustic steps per segment")
+    t.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (default: torch's choice; 1 is steadier on a shared, busy machine)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--params", default="params.yaml")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a param, e.g. gce.fusion_dim=256")
+    t.add_argument("--json", help="also write the figures here")
+    t.set_defaults(run=train)
     args = parser.parse_args(argv)
     return args.run(args)
 

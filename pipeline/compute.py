@@ -11,15 +11,56 @@ write the clip's cache entry). `parallel_map` runs them
     import this repository and see the same paths and cache directory),
 
 and yields (index, result, error, bad_input) in completion order, so the caller can feed
-results to a device batch as soon as they arrive. A unit that raises becomes an
-error string for that unit only; it never aborts the map.
+results to a device batch as soon as they arrive. At most 2 x workers units are running
+or finished-but-unread at any time: a new unit starts when the caller takes a result, so
+a slow consumer (the encoder) holds the workers back instead of letting decoded frames
+pile up in memory. A unit that raises becomes an error string for that unit only; it
+never aborts the map.
+
+A worker process that dies mid-unit (out-of-memory kill, segfault in a decoder,
+a lost machine) loses nothing either:
+
+  * Dask: the scheduler re-runs the unit on another worker, up to
+    `distributed.scheduler.allowed-failures` times (default 3, a scheduler setting).
+    Past that it raises KilledWorker; since Dask counts a death against every unit
+    the dead worker held (queued ones too), a unit that did not itself die that often
+    is submitted again, and one that did fails alone. The map goes on.
+  * local (loky): a dead worker breaks the whole pool (joblib's Parallel would
+    raise TerminatedWorkerError and abort the map; loky stops the other workers
+    too). We catch it, start a new pool and go on with the units that had not
+    finished; the units that were running when it died are re-run first, one at
+    a time, so a unit that kills its worker every time is found and fails alone
+    after ALLOWED_FAILURES re-runs. Units already finished are kept. Should the
+    pool keep dying outside any unit (a worker that cannot start), the stage
+    stops with an error saying to re-run it: whatever reached the cache is kept,
+    and the re-run resumes there.
+  * inline: the unit runs in the stage's own process; if that dies, the stage
+    dies, and re-running it resumes from the cache.
+
+Units that fail this way are transient failures: not cached, tried again next run.
+Which units were re-run is known from attempt markers: before a unit runs, its
+worker writes a small file (attempt number, pid, host) into a scratch folder and
+removes it when the unit returns, so a marker found by a later attempt means an
+earlier attempt's process died. Inside `retry_log(folder)` (the feature runner
+puts the folder in the cache, which Dask workers share) every such unit is
+appended to the log, and the stage writes the log into its report as "retries".
 """
 from __future__ import annotations
 
+import atexit
+import contextvars
 import os
+import shutil
+import socket
+import tempfile
 import traceback
+from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
+
+ALLOWED_FAILURES = 3  # local re-runs of a unit whose worker died (Dask's allowed-failures default)
 
 
 @dataclass
@@ -43,16 +84,59 @@ class Compute:
         return self.n_jobs
 
 
-def _call(fn: Callable, index: int, item: Any) -> tuple[int, Any, str | None, bool]:
+# --------------------------------------------------------------------------- retry log
+
+# (scratch folder for attempt markers, the list retried units are appended to), set by retry_log
+_RETRY_LOG: contextvars.ContextVar[tuple[Path, list] | None] = contextvars.ContextVar("retry_log", default=None)
+
+
+@contextmanager
+def retry_log(scratch_dir: str | os.PathLike) -> Iterator[list[dict]]:
+    """Within the block, parallel_map keeps its attempt markers under scratch_dir (Dask workers
+    must see it: use the shared cache) and appends one dict per unit re-run after its worker
+    died to the yielded list: {"key" (the unit's "key", else its index), "deaths", "reason"}."""
+    retries: list[dict] = []
+    token = _RETRY_LOG.set((Path(scratch_dir), retries))
+    try:
+        yield retries
+    finally:
+        _RETRY_LOG.reset(token)
+
+
+def _read_marker(marker: Path) -> tuple[int, str] | None:
+    """(attempt number, "pid N on host") of an attempt that started and has not returned, or None."""
+    try:
+        attempt, where = marker.read_text().split(" ", 1)
+        return int(attempt), where
+    except (OSError, ValueError):
+        return None
+
+
+def _call(fn: Callable, index: int, item: Any, marker_dir: str | None = None) -> tuple[int, Any, str | None, bool]:
     """Run one unit -> (index, result, error, bad_input).
 
     An exception becomes the unit's one-line error. MediaError means the input itself
     is bad (bad_input True: the same input fails the same way, so callers may cache
     the failure); anything else may be transient (out of memory, a killed worker)
     and is reported with where it happened, to be retried on the next run.
+
+    With a marker_dir, the attempt is marked there while it runs (see the module doc).
+    A marker found on arrival is an earlier attempt whose process died: that goes into
+    <index>.died at once, not into the result, because Dask may lose a result held by a
+    worker that dies later and quietly compute it again.
     """
     from .media import MediaError
 
+    marker = Path(marker_dir) / str(index) if marker_dir else None
+    if marker:
+        try:  # best effort: a worker that cannot see the scratch folder still does the work
+            died = _read_marker(marker)
+            if died:
+                with open(marker.with_suffix(".died"), "a") as log:
+                    log.write(f"attempt {died[0]} ({died[1]})\n")
+            marker.write_text(f"{died[0] + 1 if died else 1} pid {os.getpid()} on {socket.gethostname()}")
+        except OSError:
+            marker = None
     try:
         return index, fn(item), None, False
     except MediaError as err:
@@ -61,33 +145,141 @@ def _call(fn: Callable, index: int, item: Any) -> tuple[int, Any, str | None, bo
         tb = traceback.extract_tb(err.__traceback__)
         where = f" at {tb[-1].filename.rsplit('/', 1)[-1]}:{tb[-1].lineno}" if tb else ""
         return index, None, f"{type(err).__name__}: {err}{where}", False
+    finally:
+        if marker:  # only a process that dies mid-unit leaves its marker behind
+            marker.unlink(missing_ok=True)
 
+
+# --------------------------------------------------------------------------- the map
 
 def parallel_map(fn: Callable, items: Sequence, compute: Compute | None = None) -> Iterator[tuple[int, Any, str | None, bool]]:
     """Apply fn to every item; yield (index, result, error, bad_input) as units finish."""
     compute = compute or Compute()
     if not items:
         return
-    if compute.backend == "dask":
-        yield from _dask_map(fn, items, compute)
-    elif compute.backend == "local":
-        if compute.n_jobs <= 1 or len(items) == 1:
-            for i, item in enumerate(items):
-                yield _call(fn, i, item)
-            return
-        from joblib import Parallel, delayed
-
-        # generator_unordered: results as they finish; pre_dispatch bounds what is in flight
-        # (and so the memory held by decoded frames waiting for the encoder)
-        parallel = Parallel(n_jobs=compute.n_jobs, return_as="generator_unordered", batch_size=1,
-                            pre_dispatch="2*n_jobs")
-        yield from parallel(delayed(_call)(fn, i, item) for i, item in enumerate(items))
-    else:
+    if compute.backend not in ("local", "dask"):
         raise ValueError(f"compute.backend must be local or dask, not {compute.backend!r}")
+    if compute.backend == "local" and (compute.n_jobs <= 1 or len(items) == 1):
+        for i, item in enumerate(items):  # inline: nothing can be re-run if this process dies
+            yield _call(fn, i, item)
+        return
+
+    scratch, retries = _RETRY_LOG.get() or (Path(tempfile.gettempdir()) / "msa-attempts", [])
+    scratch = scratch.absolute()  # workers may run in another directory (or on another machine)
+    scratch.mkdir(parents=True, exist_ok=True)
+    marker_dir = tempfile.mkdtemp(prefix="map-", dir=scratch)  # one folder per map: indices are its names
+    try:
+        backend_map = _dask_map if compute.backend == "dask" else _local_map
+        for index, result, error, bad_input in backend_map(fn, items, compute, marker_dir):
+            deaths = Path(marker_dir) / f"{index}.died"
+            if deaths.is_file():
+                lines = deaths.read_text().splitlines()
+                item = items[index]
+                died = f"during {lines[0]}" if len(lines) == 1 else f"{len(lines)} times (last during {lines[-1]})"
+                retries.append({"key": item.get("key", index) if isinstance(item, dict) else index,
+                                "deaths": len(lines),
+                                "reason": f"worker process died {died}; re-run and "
+                                          + ("finished" if error is None else "failed (see failures)")})
+            yield index, result, error, bad_input
+    finally:
+        shutil.rmtree(marker_dir, ignore_errors=True)
 
 
-def _dask_map(fn: Callable, items: Sequence, compute: Compute) -> Iterator[tuple[int, Any, str | None, bool]]:
-    from distributed import Client, LocalCluster, as_completed
+# what joblib sets for its loky workers: each worker's thread pools get an equal share of the cores
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS",
+               "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+
+_POOL: dict = {}  # {"key": (n_jobs, env), "pool": executor}: kept for the next map, as joblib keeps its own
+
+
+def _local_pool(n_jobs: int, env: dict):
+    """A loky process pool of n_jobs workers, reused across maps (worker start-up is paid once).
+    Our own, not loky's process-wide reusable one: joblib.Parallel elsewhere in this process (the
+    demo generator) expects that one to be its own kind of executor."""
+    from joblib.externals.loky import ProcessPoolExecutor
+
+    key = (n_jobs, tuple(sorted(env.items())))
+    if _POOL.get("key") != key:
+        _drop_local_pool()
+        # idle workers exit after 5 minutes, and are started again when needed
+        _POOL.update(key=key, pool=ProcessPoolExecutor(max_workers=n_jobs, env=env, timeout=300))
+        atexit.register(_drop_local_pool)  # before interpreter teardown, which loky's own clean-up trips over
+    return _POOL["pool"]
+
+
+def _drop_local_pool(kill: bool = False) -> None:
+    atexit.unregister(_drop_local_pool)
+    if "pool" in _POOL:
+        _POOL.pop("pool").shutdown(wait=True, kill_workers=kill)
+    _POOL.clear()
+
+
+def _local_map(fn: Callable, items: Sequence, compute: Compute, marker_dir: str):
+    """loky worker processes. A new unit is submitted only when the caller has taken a result, so at
+    most 2 x n_jobs units are running or waiting to be read, whatever the speed of the caller (joblib's
+    Parallel dispatches on completion instead, so decoded frames would pile up ahead of a slow encoder)."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+    from concurrent.futures.process import BrokenProcessPool  # loky's TerminatedWorkerError is one
+
+    threads = str(max(1, (os.cpu_count() or 1) // compute.n_jobs))
+    env = {var: os.environ.get(var, threads) for var in THREAD_VARS}
+    window = 2 * compute.n_jobs
+    todo = deque(range(len(items)))
+    suspects: deque[int] = deque()   # running when a pool died: re-run one at a time, so a death names its cause
+    deaths_alone = {i: 0 for i in todo}
+    deaths_unexplained = 0
+    running: dict = {}               # future -> index
+    try:
+        while todo or suspects or running:
+            pool = _local_pool(compute.n_jobs, env)
+            if suspects:
+                if not running:
+                    running[pool.submit(_call, fn, suspects[0], items[suspects[0]], marker_dir)] = suspects[0]
+            else:
+                while todo and len(running) < window:
+                    i = todo.popleft()
+                    running[pool.submit(_call, fn, i, items[i], marker_dir)] = i
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            if not any(isinstance(f.exception(), BrokenProcessPool) for f in finished):
+                for future in finished:
+                    i = running.pop(future)
+                    if suspects and suspects[0] == i:
+                        suspects.popleft()
+                    yield future.result()
+                continue
+
+            # A worker died and took the pool with it: every running unit ends now, most with the error.
+            done_or_dead = [(running.pop(f), f) for f in wait(running)[0]]
+            _drop_local_pool()  # the next round starts a new one
+            lost = []
+            for i, future in done_or_dead:
+                if isinstance(future.exception(), BrokenProcessPool):
+                    lost.append(i)
+                else:
+                    yield future.result()
+            if len(done_or_dead) == 1 and suspects and lost == [suspects[0]]:  # it died alone: its own doing
+                i = suspects[0]
+                deaths_alone[i] += 1
+                if deaths_alone[i] > ALLOWED_FAILURES:
+                    suspects.popleft()
+                    yield (i, None, f"worker process died on each of {deaths_alone[i]} runs of this unit alone; "
+                                    f"gave up (not cached: the next run tries again)", False)
+                continue
+            started = [i for i in lost if (Path(marker_dir) / str(i)).exists()]
+            suspects.extend(started)
+            todo.extendleft(reversed([i for i in lost if i not in started]))  # never started: back to the front
+            deaths_unexplained = 0 if started else deaths_unexplained + 1
+            if deaths_unexplained > ALLOWED_FAILURES:  # dies outside any unit (cannot start?): nothing to pin it on
+                raise RuntimeError("the local worker pool keeps dying outside any work unit; what finished is in "
+                                   "the cache: re-run the stage to resume (or use compute.n_jobs: 1 to see the error)")
+    finally:
+        if running:  # the caller stopped early (an error, Ctrl-C): stop what is still running
+            _drop_local_pool(kill=True)
+
+
+def _dask_map(fn: Callable, items: Sequence, compute: Compute, marker_dir: str):
+    from distributed import Client, KilledWorker, LocalCluster, as_completed
 
     cluster = None
     if compute.scheduler.startswith("local"):
@@ -98,18 +290,46 @@ def _dask_map(fn: Callable, items: Sequence, compute: Compute) -> Iterator[tuple
         client = Client(compute.scheduler)
     try:
         window = 2 * max(1, sum(client.nthreads().values()))  # bounded in flight, like pre_dispatch
-        pending = iter(enumerate(items))
+        pending = iter(range(len(items)))
+        index_of: dict[str, int] = {}
+        resubmitted = {i: 0 for i in range(len(items))}
         futures = as_completed()
-        for i, item in pending:
-            futures.add(client.submit(_call, fn, i, item, pure=False))
+
+        def submit(i: int) -> None:
+            future = client.submit(_call, fn, i, items[i], marker_dir, pure=False)
+            index_of[future.key] = i
+            futures.add(future)
+
+        for i in pending:
+            submit(i)
             if futures.count() >= window:
                 break
         for future in futures:
-            yield future.result()
+            i = index_of.pop(future.key)
+            try:
+                out = future.result()
+            except KilledWorker as err:
+                # Dask counts a death against every unit the dead worker held, queued ones too. The
+                # marker says how often this unit itself started and died: fewer than the scheduler
+                # allows means it was (partly) collateral, so it gets another go.
+                ran = _read_marker(Path(marker_dir) / str(i))
+                own_deaths = ran[0] if ran else 0
+                if own_deaths <= err.allowed_failures and resubmitted[i] < ALLOWED_FAILURES:
+                    resubmitted[i] += 1
+                    future.release()
+                    submit(i)
+                    continue
+                out = (i, None, f"KilledWorker: the worker process died each time this unit ran ({own_deaths or '?'} "
+                                f"times; Dask allowed-failures {err.allowed_failures}); not cached: the next run tries "
+                                f"again", False)
+            except Exception as err:  # noqa: BLE001 - e.g. the scheduler went away: this unit fails, not the map
+                message = (str(err).strip().splitlines() or [""])[0]
+                out = (i, None, f"{type(err).__name__}: {message}", False)
             future.release()
+            yield out
             nxt = next(pending, None)
             if nxt is not None:
-                futures.add(client.submit(_call, fn, nxt[0], nxt[1], pure=False))
+                submit(nxt)
     finally:
         client.close()
         if cluster is not None:

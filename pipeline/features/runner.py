@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..cache import FeatureCache
+from ..compute import retry_log
 from .io import list_array, write_feature_table
 
 
@@ -57,7 +58,8 @@ def run_stage(stage: str, plan: Plan, cache: FeatureCache, extract: Callable[[di
     t0 = time.perf_counter()
     todo = {key: unit for key, unit in plan.units.items() if key not in cache}
     t1 = time.perf_counter()
-    done = extract(todo) if todo else Extracted()
+    with retry_log(cache.dir / ".attempts") as retries:  # markers in the cache: Dask workers share it
+        done = extract(todo) if todo else Extracted()
     extract_s = time.perf_counter() - t1
 
     rows, ids, failures, notes = {name: [] for name in columns}, [], [], []
@@ -95,6 +97,9 @@ def run_stage(stage: str, plan: Plan, cache: FeatureCache, extract: Callable[[di
                    "cached": n_keys - len(todo), "extracted": len(todo)},
         "failures": failures,
         "notes": notes,
+        # units re-run after their worker process died (compute.py): none lost, listed here
+        "retries": [{"id": plan.ids[plan.keys.index(r["key"])] if r["key"] in plan.units else None, **r}
+                    for r in retries],
         "wall_s": round(time.perf_counter() - t0, 3),
         "throughput": _throughput(done, extract_s),
     }
@@ -151,6 +156,8 @@ def stage_main(stage: str, run: Callable, manifest_path="features/manifest.parqu
     rate = f", {tp['clips_per_s']:.2f} clips/s, {tp['media_s_per_s']:.1f} s media/s" if "clips_per_s" in tp else ""
     print(f"{stage}: {c['ok']}/{c['segments']} segments -> {out} (dim {meta['dim']}; {c['cached']} cached, "
           f"{c['extracted']} extracted, {c['failed']} failed) in {meta['wall_s']:.1f} s{rate}")
+    for r in meta.get("retries", [])[:5]:
+        print(f"  re-run {r['id']}: {r['reason']}")
     for f in meta["failures"][:5]:
         print(f"  failed {f['id']}: {f['reason']}")
     if c["failed"] > 5:

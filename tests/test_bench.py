@@ -1,0 +1,32 @@
+"""The benchmarks' own machinery: the training benchmark end to end on tiny data, and the RSS sampler."""
+from __future__ import annotations
+
+import json
+import sys
+
+from pipeline import bench
+
+
+def test_train_benchmark_times_every_model(tmp_path):
+    out = tmp_path / "train.json"
+    argv = ["train", "--device", "cpu", "--epochs", "2", "--batch-size", "8", "--segments", "48", "--train", "24",
+            "--valid", "8", "--text-dim", "16", "--visual-dim", "12", "--acoustic-dim", "6", "--text-steps", "6",
+            "--visual-steps", "4", "--acoustic-steps", "10", "--set", "gce.fusion_dim=32", "--json", str(out)]
+    assert bench.main(argv) == 0
+    report = json.loads(out.read_text())
+    assert [r["model"] for r in report["models"]] == ["gce", "gexsent", "text_only", "late_fusion"]
+    for r in report["models"]:
+        assert r["steps_per_epoch"] == 3 and r["epochs_timed"] == 1      # 24 / 8; the first epoch is warm-up
+        assert r["samples_per_s"] > 0 and r["epoch_s"] >= r["train_s"] > 0 and r["gpu_peak_mb"] is None
+        assert 0 < r["batch_build_ms"] < r["step_ms"]
+    assert report["dims"] == {"text": 16, "visual": 12, "acoustic": 6}
+
+
+def test_rss_sampler_sees_the_whole_process_tree():
+    # the child holds ~40 MiB, its own child ~300 MiB: a tree peak must count the grandchild
+    grandchild = "import time; b = bytearray(300 * 2**20); time.sleep(1.5)"
+    child = f"import subprocess, sys; x = bytearray(40 * 2**20); subprocess.run([sys.executable, '-c', {grandchild!r}])"
+    done, peak_mb, worker_mb = bench.run_sampling_rss([sys.executable, "-c", child], interval=0.05)
+    assert done.returncode == 0
+    assert 340 < peak_mb < 600, peak_mb
+    assert 300 < worker_mb < 400, worker_mb
