@@ -118,16 +118,16 @@ def assemble(manifest_path: str | Path, feature_paths: dict[str, str | Path], ou
             present = np.zeros(n, bool)
             pooled_in = _flat_list_column(table, "pooled_mean").reshape(-1, dim)
             token_ids = _flat_list_column(table, "token_ids").astype(np.int32)
-            id_lengths = np.asarray([len(x) for x in table.column("token_ids").to_pylist()], np.int64)
-            id_starts = np.concatenate([[0], np.cumsum(id_lengths)])
+            id_starts = table.column("token_ids").combine_chunks().offsets.to_numpy().astype(np.int64)
             id_seqs: list[np.ndarray] = [np.zeros(0, np.int32)] * n
             for j, sid in enumerate(ids):
                 if sid in row_of:
                     pooled[row_of[sid]] = pooled_in[j]
                     present[row_of[sid]] = True
                     id_seqs[row_of[sid]] = token_ids[id_starts[j]:id_starts[j + 1]]
-            p_mean = pooled[np.intersect1d(train_rows, np.flatnonzero(present))].mean(0) if present[train_rows].any() else np.zeros(dim, np.float32)
-            p_std = np.maximum(pooled[np.intersect1d(train_rows, np.flatnonzero(present))].std(0), STD_FLOOR) if present[train_rows].any() else np.ones(dim, np.float32)
+            train_text = pooled[train_rows[present[train_rows]]]
+            p_mean = train_text.mean(0) if len(train_text) else np.zeros(dim, np.float32)
+            p_std = np.maximum(train_text.std(0), STD_FLOOR) if len(train_text) else np.ones(dim, np.float32)
             pooled = np.clip((pooled - p_mean) / p_std, -CLIP_SIGMAS, CLIP_SIGMAS) * present[:, None]
             np.save(out / "text_pooled.npy", pooled.astype(np.float32))
             np.save(out / "text_ids.values.npy", np.concatenate(id_seqs) if n else np.zeros(0, np.int32))
