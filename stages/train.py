@@ -1,27 +1,27 @@
 """Stage `train@<model>`: train one model and test the checkpoint chosen on validation.
 
-    python -m stages.train gce                          (what `dvc repro train@gce` runs)
-    torchrun --nproc_per_node 2 -m stages.train gce     (DDP; or set model.launch in params.yaml)
+    python -m stages.train gce features/dataset models/gce                      (what `dvc repro train@gce` runs)
+    torchrun --nproc_per_node 2 -m stages.train gce features/dataset models/gce (DDP; or set model.launch)
 
-Reads features/dataset/ and params `model` (shared) + `<model>` (architecture);
-writes models/<model>/model.pt, metrics.json, plots/ and live/ (dvclive).
+Reads the dataset folder and params `model` (shared) + `<model>` (its architecture); writes
+<out>/model.pt, metrics.json, plots/ and live/ (dvclive).
 """
+import argparse
 import sys
 
-from pipeline.config import load_params
+from pipeline import params
+from pipeline.errors import guarded, require
 from pipeline.models import MODELS
-from pipeline.train import NonFiniteLoss, train_model
+from pipeline.train import NonFiniteLoss, TrainParams, train_model
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) != 1 or argv[0] not in MODELS:
-        print(f"usage: python -m stages.train {{{','.join(MODELS)}}}", file=sys.stderr)
-        return 2
-    name = argv[0]
-    params = load_params()
+def main(name: str, dataset: str, out: str) -> int:
+    raw = params.load()
+    cfg = params.read(raw, TrainParams)
+    arch = params.parse(MODELS[name].config_class, params.lookup(raw, name), name)
+    require(dataset, "assemble")
     try:
-        result = train_model(name, "features/dataset", f"models/{name}", params["model"], params.get(name) or {},
-                             text_encoder=params["features"]["text"]["encoder"])
+        result = train_model(name, dataset, out, cfg, params.as_dict(arch))
     except NonFiniteLoss as err:
         print(f"train: {err}", file=sys.stderr)
         return 1
@@ -31,4 +31,9 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    cli = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    cli.add_argument("model", choices=sorted(MODELS))
+    cli.add_argument("dataset", help="the folder written by `assemble`")
+    cli.add_argument("out", help="the model folder to write")
+    args = cli.parse_args()
+    sys.exit(guarded("train", main, args.model, args.dataset, args.out))

@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import csv
+import sys
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
 
-import pipeline  # noqa: F401  (torchvision compat shim first)
-
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `tools` and `stages` live at the repository root, beside the library
+    sys.path.insert(0, str(REPO))
+
+import pipeline  # noqa: E402,F401  (torchvision compat shim first)
 SHARED_DATA = REPO.parent / "shared" / "data"
 REAL_CLIPS = SHARED_DATA / "real-clips"
 MOSI_TEXT = SHARED_DATA / "mosi-text" / "mosi_text_labels.csv"
@@ -90,18 +93,24 @@ def write_fake_features(root: Path, n: int = 60, dims=None, seed: int = 0, task:
                              "split": splits, "label": labels.astype(float), "label_name": "", "text": "x"})
     if task == "classification":
         manifest["label"] = (labels > 0.5).astype(float) + (labels > -0.5)
-    manifest.to_parquet(root / "manifest.parquet")
-    columns = {"text": ("hidden", "n_tokens"), "visual": ("emb", "n_frames"), "acoustic": ("feats", "n_frames")}
+    # the manifest's own metadata, as prepare writes it: assemble takes the task from there
+    table = pa.Table.from_pandas(manifest, preserve_index=False)
+    classes = ["negative", "neutral", "positive"] if task == "classification" else None
+    table = table.replace_schema_metadata({b"pipeline": json.dumps({"task": task, "classes": classes}).encode()})
+    pq.write_table(table, root / "manifest.parquet")
+    from pipeline import schema
+
     for k, (m, dim) in enumerate(dims.items()):
+        spec = schema.get(m)  # the registry says which columns a modality's table has
         keep = [i for i in range(n) if i not in set(missing.get(m, []))]
         lengths = rng.integers(1, 7, n)
         seqs = [rng.normal(0, 0.3, (lengths[i], dim)) + parts[i, k] for i in range(n)]
-        cols = {"id": [ids[i] for i in keep], columns[m][1]: pa.array([int(lengths[i]) for i in keep], pa.int32()),
-                columns[m][0]: [seqs[i].astype(np.float32).ravel() for i in keep]}
-        if m == "text":
-            cols["token_ids"] = [np.arange(lengths[i], dtype=np.int32) for i in keep]
-            cols["pooled_cls"] = [seqs[i][0].astype(np.float32) for i in keep]
-            cols["pooled_mean"] = [seqs[i].mean(0).astype(np.float32) for i in keep]
+        cols = {"id": [ids[i] for i in keep], spec.length: pa.array([int(lengths[i]) for i in keep], pa.int32()),
+                spec.sequence: [seqs[i].astype(np.float32).ravel() for i in keep]}
+        if spec.token_ids:
+            cols[spec.token_ids] = [np.arange(lengths[i], dtype=np.int32) for i in keep]
+        if spec.pooled:
+            cols[spec.pooled] = [seqs[i].mean(0).astype(np.float32) for i in keep]
         table = pa.table(cols)
         meta = {"stage": m, "dim": dim, "encoder": {"id": f"fake-{m}", "revision": "0"}, "params": {}}
         table = table.replace_schema_metadata({b"pipeline": json.dumps(meta).encode()})

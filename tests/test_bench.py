@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import sys
 
-from pipeline import bench
+from tools import bench
 
 
 def test_train_benchmark_times_every_model(tmp_path):

@@ -17,7 +17,7 @@ import pytest
 
 from pipeline.cache import FeatureCache, make_key
 from pipeline.compute import ALLOWED_FAILURES, Compute, parallel_map
-from pipeline.features.io import read_feature_table
+from pipeline.features.table import read_feature_table
 from pipeline.features.runner import Extracted, Plan, run_stage
 
 COLUMNS = {"n_frames": (pa.int32(), "scalar"), "feats": (pa.float32(), "list")}

@@ -1,4 +1,4 @@
-"""pipeline.demo: the synthetic talking-head corpus is reproducible, well-formed, and its
+"""tools.demo: the synthetic talking-head corpus is reproducible, well-formed, and its
 face, voice and text really carry the sentiment components the label is built from."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 import pipeline  # noqa: F401  (torchvision compat shim first)
-from pipeline import demo
+from tools import demo
 
 SIZE = (320, 240)  # the default size: the Haar check is only meaningful there
 N_CLIPS, N_SPEAKERS = 6, 3

@@ -39,11 +39,12 @@ def test_ddp_two_cpu_processes_match_single_process(tmp_path):
     assemble(root / "manifest.parquet", {m: root / f"{m}.parquet" for m in ("text", "visual", "acoustic")}, root / "dataset")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     single = _project(tmp_path, "single", root / "dataset")
-    run = subprocess.run([sys.executable, "-m", "stages.train", "late_fusion"], cwd=single, env=env, capture_output=True, text=True)
+    args = ["late_fusion", "features/dataset", "models/late_fusion"]
+    run = subprocess.run([sys.executable, "-m", "stages.train", *args], cwd=single, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
     ddp = _project(tmp_path, "ddp", root / "dataset")
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-                          "-m", "stages.train", "late_fusion"], cwd=ddp, env=env, capture_output=True, text=True, timeout=300)
+                          "-m", "stages.train", *args], cwd=ddp, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("world size 2") == 1          # only rank 0 logs
     a = json.loads((single / "models" / "late_fusion" / "metrics.json").read_text())

@@ -23,7 +23,9 @@ from conftest import REPO, make_clip
 from pipeline.cache import FeatureCache, file_sha256
 from pipeline.encoders import load_image_encoder, load_text_encoder, resolve_image_encoder, resolve_text_encoder
 from pipeline.features import acoustic, text, visual
-from pipeline.features.io import read_feature_table, read_meta
+from pipeline import params as params_mod
+from pipeline.compute import Compute
+from pipeline.features.table import read_feature_table, read_meta
 from pipeline.media import iter_video_frames, probe_video, read_audio, sample_times
 
 CPU = torch.device("cpu")
@@ -157,7 +159,10 @@ def media(tmp_path_factory) -> dict:
 
 
 def run_stage(module, manifest, params, cache, out):
-    return module.run(manifest, params, cache, out, show_progress=False)
+    """A stage's run() with its section and `compute` parsed out of a params mapping, as stage_main does."""
+    name = module.__name__.rsplit(".", 1)[1]
+    cfg = params_mod.read(params, params_mod.SECTIONS[f"features.{name}"])
+    return module.run(manifest, cfg, cache, out, compute=params_mod.read(params, Compute), show_progress=False)
 
 
 # --------------------------------------------------------------------------- media decoding
@@ -201,13 +206,12 @@ def test_text_tiny_modernbert(tmp_path, tiny_bert, tiny_clip):
         hidden = table.get(id_, "hidden")
         assert table.get(id_, "token_ids").tolist() == ids
         assert table.get(id_, "n_tokens") == len(ids) == hidden.shape[0] and hidden.shape[1] == 32
-        assert hidden.dtype == np.float16 and table.get(id_, "pooled_cls").dtype == np.float32
+        assert hidden.dtype == np.float16 and table.get(id_, "pooled_mean").dtype == np.float32
         assert bool(table.get(id_, "truncated")) == (i == 1)
         # the batched, padded, length-sorted pass equals encoding this segment alone
         with torch.inference_mode():
             alone = model(input_ids=torch.tensor([ids])).last_hidden_state[0].numpy()
         assert np.allclose(hidden, alone, atol=2e-3)
-        assert np.allclose(table.get(id_, "pooled_cls"), alone[0], atol=1e-4)
         assert np.allclose(table.get(id_, "pooled_mean"), alone.mean(0), atol=1e-4)
 
     # deterministic: a fresh cache gives the same bytes; a second run is all cache hits
@@ -286,7 +290,7 @@ def test_visual_params_rekey_and_cap_frames(tmp_path, media, tiny_bert, tiny_cli
 @pytest.fixture(scope="session")
 def librosa_warm():
     """librosa JIT-compiles its pitch trackers on first use (~30 s once per venv): pay it once."""
-    acoustic.acoustic_features(np.zeros(1600, np.float32), acoustic.settings_from({"f0": "yin"}))
+    acoustic.acoustic_features(np.zeros(1600, np.float32), acoustic.settings_from(acoustic.AcousticParams()))
 
 
 def test_acoustic_descriptors(tmp_path, media, tiny_bert, tiny_clip, librosa_warm):
@@ -403,12 +407,13 @@ def test_transcript_only_stages_write_empty_tables(tmp_path, tiny_bert, tiny_cli
     monkeypatch.delenv("MSA_CACHE_DIR", raising=False)
     # one real process for the script itself; the other two stages through the same function in-process
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-m", "stages.visual"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-m", "stages.visual", "features/manifest.parquet", "features/visual.parquet"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "visual: 0/2 segments" in done.stdout
     monkeypatch.chdir(tmp_path)
-    assert stage_main("acoustic", acoustic.run) == 0 and stage_main("text", text.run) == 0
+    assert stage_main("acoustic", acoustic, ["features/manifest.parquet", "features/acoustic.parquet"]) == 0
+    assert stage_main("text", text, ["features/manifest.parquet", "features/text.parquet"]) == 0
     for stage in ("visual", "acoustic", "text"):
         table, meta = read_feature_table(tmp_path / "features" / f"{stage}.parquet")
         assert json.loads((tmp_path / "features" / f"{stage}.json").read_text()) == meta
@@ -431,7 +436,7 @@ def test_unavailable_encoder_is_one_clear_error(tmp_path, tiny_bert, tiny_clip, 
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)
-    assert stage_main("text", text.run) == 2
+    assert stage_main("text", text, ["features/manifest.parquet", "features/text.parquet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'modernbert-base'" in err[0] and "'minilm'" in err[0]
     assert not (tmp_path / "features" / "text.parquet").exists()

@@ -10,6 +10,7 @@ import torch
 import pipeline.models.baselines
 import pipeline.models.gce
 import pipeline.models.gexsent
+from pipeline.errors import ParamError
 from pipeline.models import MODELS, build_model
 from pipeline.models.blocks import (
     GatedSelfAttention,
@@ -382,9 +383,9 @@ def test_bfloat16_autocast(name):
 
 
 def test_config_errors_are_clear():
-    with pytest.raises(ValueError, match="unknown GEXSentConfig key"):
+    with pytest.raises(ParamError, match=r"^gexsent\.d_modle: unknown param"):
         build_model("gexsent", DIMS, "regression", 1, {"d_modle": 32})
-    with pytest.raises(ValueError, match="routing"):
+    with pytest.raises(ParamError, match=r"^gexsent\.routing: 'magic' is not allowed \(dispatch \| einsum\)"):
         build_model("gexsent", DIMS, "regression", 1, {"routing": "magic"})
     with pytest.raises(ValueError, match="needs a text modality"):
         build_model("text_only", {"visual": 10}, "regression", 1, {})

@@ -89,7 +89,7 @@ def test_exp_run_retrains_only_and_metrics_differ(project):
 
 
 def test_predict_a_generated_clip_and_one_without_audio(project, tmp_path, monkeypatch):
-    from pipeline.demo import write_clip
+    from tools.demo import write_clip
     from pipeline.predict import PredictError, main, predict_clip
 
     work, env, _ = project
@@ -104,7 +104,7 @@ def test_predict_a_generated_clip_and_one_without_audio(project, tmp_path, monke
     mute = tmp_path / "mute.mp4"
     write_clip(mute, s_face=1.0, with_audio=False, seed=5, index=2)
     result = predict_clip(mute, "the movie was good", work / "models" / "gexsent")
-    assert any("no usable audio" in n for n in result["notes"]) and "acoustic" not in result["modalities"]
+    assert any("no acoustic features (no audio track)" in n for n in result["notes"]) and "acoustic" not in result["modalities"]
     with pytest.raises(PredictError, match="clip not found"):
         predict_clip(tmp_path / "nope.mp4", "text", work / "models" / "gce")
     assert main([str(happy), "--text", "good", "--model", str(work / "models" / "text_only")]) == 0
@@ -119,3 +119,70 @@ def test_predict_a_real_clip(project, real_clips, monkeypatch, capsys):
     assert main([str(real_clips[0]), "--text", "I really liked it", "--model", str(work / "models" / "gce")]) == 0
     out = capsys.readouterr().out
     assert re.search(r"score [+-]\d\.\d{3}", out) and "from text, visual, acoustic" in out
+
+
+def test_predict_equals_assemble_and_training(project, monkeypatch):
+    """Train/serve parity: predict's model inputs for demo test clips are the assembled dataset's rows,
+    bit for bit, and its scores are the test predictions training wrote."""
+    import numpy as np
+    import pandas as pd
+
+    from pipeline.dataset import AssembledData
+    from pipeline.predict import model_inputs, score
+    from pipeline.train import load_checkpoint
+
+    work, env, _ = project
+    monkeypatch.setenv("MSA_CACHE_DIR", env["MSA_CACHE_DIR"])
+    data = AssembledData(work / "features" / "dataset")
+    labels = pd.read_csv(work / "raw" / "demo" / "label.csv", dtype={"clip_id": str})
+    for name in ("gexsent", "gce"):
+        model, ckpt = load_checkpoint(work / "models" / name / "model.pt")
+        written = pd.read_csv(work / "models" / name / "plots" / "test_predictions.csv").set_index("id")["pred"]
+        for row in data.split_rows("test")[:3]:
+            sid = data.index["id"].iloc[row]
+            video_id, clip_id = sid.split("/")
+            text = labels[(labels.video_id == video_id) & (labels.clip_id == clip_id)]["text"].iloc[0]
+            segment, notes = model_inputs(work / "raw" / "demo" / "Raw" / video_id / f"{clip_id}.mp4", text, ckpt)
+            assembled = data.segment(row, with_token_ids=True)
+            assert notes == [] and set(segment) == set(assembled)
+            for key in assembled:
+                assert segment[key].dtype == assembled[key].dtype, key
+                assert np.array_equal(segment[key], assembled[key]), (name, sid, key)
+            assert score(model, ckpt, segment).item() == pytest.approx(written[sid], abs=1e-4), (name, sid)
+
+
+def test_predict_refuses_an_encoder_that_changed(project, tmp_path, monkeypatch):
+    import torch
+
+    from pipeline.predict import PredictError, predict_clip
+
+    work, env, _ = project
+    monkeypatch.setenv("MSA_CACHE_DIR", env["MSA_CACHE_DIR"])
+    ckpt = torch.load(work / "models" / "gce" / "model.pt", weights_only=True)
+    ckpt["config"]["encoders"]["text"]["revision"] = "0" * 64  # as if trained on other weights
+    torch.save(ckpt, tmp_path / "model.pt")
+    with pytest.raises(PredictError, match="text encoder 'minilm' now resolves to .* revision .* trained on"):
+        predict_clip(None, "the movie was good", tmp_path / "model.pt")
+
+
+def test_predict_audio_only_and_text_only_notes(project, tmp_path, monkeypatch, capsys):
+    import wave
+
+    import numpy as np
+
+    from pipeline.media import read_audio
+    from pipeline.predict import main, predict_clip
+
+    work, env, _ = project
+    monkeypatch.setenv("MSA_CACHE_DIR", env["MSA_CACHE_DIR"])
+    clip = next((work / "raw" / "demo" / "Raw" / "spk01").glob("*.mp4"))
+    audio = (read_audio(clip, 16000) * 32767).astype(np.int16)
+    with wave.open(str(tmp_path / "voice.wav"), "wb") as w:   # audio + text, no video stream
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+        w.writeframes(audio.tobytes())
+    result = predict_clip(tmp_path / "voice.wav", "the movie was good", work / "models" / "gexsent")
+    assert result["modalities"] == ["text", "acoustic"]
+    assert any("no visual features (no video (audio-only segment))" in n for n in result["notes"])
+    assert main([str(clip), "--text", "the movie was good", "--model", str(work / "models" / "text_only")]) == 0
+    out = capsys.readouterr().out
+    assert "note: text_only reads text only: the clip's media is unused" in out and "[text_only, from text]" in out

@@ -196,7 +196,8 @@ def test_real_clips_probe_matches_a_full_decode(real_clips):
 def _run_stage(cwd, strict):
     (cwd / "params.yaml").write_text(f"data:\n  root: corpus\n  strict: {str(strict).lower()}\n")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "stages.prepare"], cwd=cwd, env=env, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "stages.prepare", "features/manifest.parquet", "features/rejects.csv"],
+                          cwd=cwd, env=env, capture_output=True, text=True)
 
 
 def test_stage_writes_outputs_and_strict_fails(tmp_path):

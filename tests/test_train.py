@@ -9,7 +9,7 @@ import torch
 
 from conftest import write_fake_features
 from pipeline import train as train_mod
-from pipeline.dataset import AssembledData, assemble
+from pipeline.dataset import AssembledData, AssembleParams, assemble
 from pipeline.metrics import classification_metrics, regression_metrics
 from pipeline.train import NonFiniteLoss, load_checkpoint, predict_rows, train_model
 
@@ -52,7 +52,7 @@ def test_classification_metrics_by_hand():
 def dataset(tmp_path_factory):
     root = write_fake_features(tmp_path_factory.mktemp("feat"), n=80, missing={"visual": [1, 2, 60]})
     assemble(root / "manifest.parquet", {m: root / f"{m}.parquet" for m in MODS}, root / "dataset",
-             max_steps={"acoustic": 3})
+             AssembleParams(max_steps={"acoustic": 3}))
     return root / "dataset"
 
 
@@ -123,8 +123,7 @@ def test_nan_loss_stops_and_keeps_the_good_checkpoint(dataset, tmp_path, monkeyp
 
 def test_classification_task(tmp_path):
     root = write_fake_features(tmp_path / "feat", n=60, task="classification")
-    assemble(root / "manifest.parquet", {m: root / f"{m}.parquet" for m in MODS}, root / "dataset",
-             task="classification", classes=["negative", "neutral", "positive"])
+    assemble(root / "manifest.parquet", {m: root / f"{m}.parquet" for m in MODS}, root / "dataset")
     result = train_model("gce", root / "dataset", tmp_path / "gce", FAST, {}, progress=False)
     assert set(result["test"]) == {"accuracy", "macro_f1", "weighted_f1"}
     assert (tmp_path / "gce" / "plots" / "confusion.png").exists()

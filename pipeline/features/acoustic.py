@@ -17,6 +17,7 @@ its clip's entry into the shared cache.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -24,9 +25,11 @@ import pyarrow as pa
 from ..cache import FeatureCache, file_sha256, make_key
 from ..compute import Compute, parallel_map
 from ..media import MediaError, read_audio
+from ..params import as_dict, between, fail, ge, gt, one_of, param, section
 from .runner import Extracted, Plan, progress, row_str, run_stage
 
 VERSION = 1
+PARALLEL = True  # clips run on `compute` (params section compute)
 COLUMNS = {"n_frames": (pa.int32(), "scalar"), "feats": (pa.float32(), "list")}
 N_MELS = 40
 
@@ -37,14 +40,30 @@ def feature_names(n_mfcc: int) -> list[str]:
             + ["f0_hz", "voicing", "rms", "spectral_centroid", "spectral_flux", "spectral_rolloff", "zcr"])
 
 
-def settings_from(p: dict) -> dict:
+@section("features.acoustic")
+@dataclass
+class AcousticParams:
+    sample_rate: int = param(16000, ge(4000), "Hz; audio is resampled to it while decoding")
+    hop_ms: float = param(10.0, gt(0), "analysis hop")
+    win_ms: float = param(25.0, gt(0), "analysis window")
+    n_mfcc: int = param(13, between(1, N_MELS), "MFCCs (+ deltas and delta-deltas)")
+    f0: str = param("yin", one_of("yin", "pyin"), "yin (fast) | pyin (better voicing decisions, ~10x slower)")
+    fmin: float = param(60.0, gt(0), "lowest f0 searched, Hz")
+    fmax: float = param(500.0, gt(0), "highest f0 searched, Hz")
+    pool: int = param(5, ge(1), "mean-pool this many hops into one step (1 = none)")
+
+    def __post_init__(self):
+        if self.fmax <= self.fmin:
+            raise fail("fmax", self.fmax, f"> fmin ({self.fmin:g})")
+        if self.fmax >= self.sample_rate / 2:
+            raise fail("fmax", self.fmax, f"< half the sample rate ({self.sample_rate / 2:g})")
+        if self.win_ms * self.sample_rate < 2000:
+            raise fail("win_ms", self.win_ms, "a window of at least 2 samples")
+
+
+def settings_from(cfg: AcousticParams) -> dict:
     """The params that change the result (all of them, here)."""
-    f0 = str(p.get("f0", "yin"))
-    if f0 not in ("yin", "pyin"):
-        raise ValueError(f"features.acoustic.f0 must be yin or pyin, not {f0!r}")
-    return {"sample_rate": int(p.get("sample_rate", 16000)), "hop_ms": float(p.get("hop_ms", 10)),
-            "win_ms": float(p.get("win_ms", 25)), "n_mfcc": int(p.get("n_mfcc", 13)), "f0": f0,
-            "fmin": float(p.get("fmin", 60)), "fmax": float(p.get("fmax", 500)), "pool": max(1, int(p.get("pool", 1)))}
+    return as_dict(cfg)
 
 
 def acoustic_features(y: np.ndarray, s: dict) -> np.ndarray:
@@ -153,11 +172,11 @@ def plan_rows(manifest, settings: dict, cache_root) -> Plan:
     return plan
 
 
-def run(manifest, params: dict, cache_root, out_path, show_progress: bool = True) -> dict:
-    """The `acoustic` stage: features.acoustic params, manifest rows -> out_path (Parquet + JSON)."""
-    p = dict(params["features"]["acoustic"])
-    settings = settings_from(p)
-    compute = Compute.from_params(params)
+def run(manifest, cfg: AcousticParams, cache_root, out_path, *, compute: Compute | None = None,
+        show_progress: bool = True) -> dict:
+    """The `acoustic` stage: manifest rows -> out_path (Parquet + JSON); clips run on `compute`."""
+    settings = settings_from(cfg)
+    compute = compute or Compute(n_jobs=1)
     cache = FeatureCache(cache_root, "acoustic")
     plan = plan_rows(manifest, settings, cache_root)
 
@@ -186,7 +205,7 @@ def run(manifest, params: dict, cache_root, out_path, show_progress: bool = True
 
     names = feature_names(settings["n_mfcc"])
     meta = {"encoder": {"id": "librosa", "revision": _librosa_version()}, "dim": len(names), "feature_names": names,
-            "params": p, "frame_rate_hz": 1000.0 / (settings["hop_ms"] * settings["pool"])}
+            "params": as_dict(cfg), "frame_rate_hz": 1000.0 / (settings["hop_ms"] * settings["pool"])}
     if not plan.units and len(plan.ids):
         meta["note"] = "no media: nothing to extract"
     return run_stage("acoustic", plan, cache, extract, COLUMNS, meta, out_path)

@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from ..cache import FeatureCache
 from ..compute import retry_log
-from .io import list_array, write_feature_table
+from .table import list_array, write_feature_table
 
 
 @dataclass
@@ -134,24 +134,44 @@ def row_str(value) -> str:
     return str(value)
 
 
-def stage_main(stage: str, run: Callable, manifest_path="features/manifest.parquet", out_dir="features") -> int:
-    """Entry point body shared by stages/{text,visual,acoustic}.py (run from the repo root, as DVC does)."""
+def stage_main(stage: str, module, argv: list[str] | None = None) -> int:
+    """Entry point shared by stages/{text,visual,acoustic}.py: `python -m stages.<stage> MANIFEST OUT.parquet`.
+
+    Reads params `features.<stage>` (the section class registered by the module), `cache`, and
+    `compute` when the module runs clips in parallel (`module.PARALLEL`). Run from the repo root,
+    as DVC does. Bad params, a missing manifest or an unavailable encoder: one line, exit code 2."""
+    import argparse
     import sys
+
+    from .. import params
+    from ..cache import CacheParams
+    from ..compute import Compute
+    from ..errors import guarded, require
+
+    cli = argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=module.__doc__.split("\n\n")[0])
+    cli.add_argument("manifest", help="the manifest written by `prepare`")
+    cli.add_argument("out", help=f"the {stage} feature table to write (Parquet; its report goes beside it as .json)")
+    args = cli.parse_args(argv)
+
+    def main() -> int:
+        import pandas as pd
+
+        raw = params.load()
+        cfg = params.read(raw, params.SECTIONS[f"features.{stage}"])
+        compute = params.read(raw, Compute) if getattr(module, "PARALLEL", False) else None
+        cache_root = params.read(raw, CacheParams).root()
+        require(args.manifest, "prepare")
+        manifest = pd.read_parquet(args.manifest)
+        meta = module.run(manifest, cfg, cache_root, args.out, compute=compute, show_progress=sys.stderr.isatty())
+        _print_summary(stage, meta, args.out)
+        return 0
+
+    return guarded(stage, main)
+
+
+def _print_summary(stage: str, meta: dict, out) -> None:
     from pathlib import Path
 
-    import pandas as pd
-
-    from ..config import cache_dir, load_params
-    from ..encoders import EncoderUnavailable
-
-    params = load_params()
-    manifest = pd.read_parquet(manifest_path)
-    out = Path(out_dir) / f"{stage}.parquet"
-    try:
-        meta = run(manifest, params, cache_dir(params), out, show_progress=sys.stderr.isatty())
-    except EncoderUnavailable as err:
-        print(f"{stage}: {err}", file=sys.stderr)
-        return 2
     c, tp = meta["counts"], meta["throughput"]
     rate = f", {tp['clips_per_s']:.2f} clips/s, {tp['media_s_per_s']:.1f} s media/s" if "clips_per_s" in tp else ""
     print(f"{stage}: {c['ok']}/{c['segments']} segments -> {out} (dim {meta['dim']}; {c['cached']} cached, "
@@ -161,5 +181,4 @@ def stage_main(stage: str, run: Callable, manifest_path="features/manifest.parqu
     for f in meta["failures"][:5]:
         print(f"  failed {f['id']}: {f['reason']}")
     if c["failed"] > 5:
-        print(f"  ... {c['failed'] - 5} more in {out.with_suffix('.json')}")
-    return 0
+        print(f"  ... {c['failed'] - 5} more in {Path(out).with_suffix('.json')}")

@@ -9,15 +9,29 @@ small; on CUDA the model runs under bf16 autocast with SDPA attention.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
 from ..cache import FeatureCache, make_key, text_sha256
 from ..encoders import autocast, load_text_encoder, pick_device, resolve_text_encoder, text_config
+from ..params import DEVICE, as_dict, ge, one_of, param, section
 from .runner import Extracted, Plan, progress, row_str, run_stage
 
 VERSION = 1  # bump when the extraction itself changes: it is part of every cache key
+
+
+@section("features.text")
+@dataclass
+class TextParams:
+    encoder: str = param("minilm", doc="preset (minilm | modernbert-base) or a local Hugging Face folder")
+    max_length: int = param(64, ge(2), "tokens; longer transcripts are truncated and recorded")
+    layers: list[int] = param([-1], doc="hidden layers averaged into the token states (-1 = last)")
+    lowercase: bool = param(False)
+    dtype: str = param("float16", one_of("float16", "float32"), "stored token states; float16 halves the store")
+    batch_size: int = param(64, ge(1))
+    device: str = param("auto", DEVICE)
 
 
 def columns(dtype: str) -> dict:
@@ -25,22 +39,17 @@ def columns(dtype: str) -> dict:
         "n_tokens": (pa.int32(), "scalar"),
         "token_ids": (pa.int32(), "list"),
         "hidden": (pa.from_numpy_dtype(np.dtype(dtype)), "list"),
-        "pooled_cls": (pa.float32(), "list"),
         "pooled_mean": (pa.float32(), "list"),
         "truncated": (pa.bool_(), "scalar"),
     }
 
 
-def run(manifest, params: dict, cache_root, out_path, show_progress: bool = True) -> dict:
-    """The `text` stage: features.text params, manifest rows -> out_path (Parquet + JSON)."""
-    p = dict(params["features"]["text"])
-    spec = resolve_text_encoder(str(p["encoder"]))
-    device = pick_device(p.get("device", "auto"))
-    settings = {
-        "max_length": int(p["max_length"]), "layers": [int(i) for i in p.get("layers", [-1])],
-        "lowercase": bool(p.get("lowercase", False)), "dtype": str(p.get("dtype", "float16")),
-        "precision": "bf16" if device.type == "cuda" else "fp32",
-    }
+def run(manifest, cfg: TextParams, cache_root, out_path, *, compute=None, show_progress: bool = True) -> dict:
+    """The `text` stage: manifest rows -> out_path (Parquet + JSON). Runs in this process (`compute` unused)."""
+    spec = resolve_text_encoder(cfg.encoder)
+    device = pick_device(cfg.device)
+    settings = {"max_length": cfg.max_length, "layers": cfg.layers, "lowercase": cfg.lowercase, "dtype": cfg.dtype,
+                "precision": "bf16" if device.type == "cuda" else "fp32"}
     prefix = ("text", VERSION, spec.id, spec.revision, settings)
     texts = [row_str(t) for t in manifest["text"]]
     plan = Plan(ids=list(manifest["id"]), keys=[make_key(*prefix, text_sha256(t)) for t in texts])
@@ -51,9 +60,9 @@ def run(manifest, params: dict, cache_root, out_path, show_progress: bool = True
     cache = FeatureCache(cache_root, "text")
 
     def extract(todo: dict) -> Extracted:
-        return _extract(todo, spec, device, settings, int(p.get("batch_size", 64)), cache, show_progress)
+        return _extract(todo, spec, device, settings, cfg.batch_size, cache, show_progress)
 
-    meta = {"encoder": spec.as_meta(), "dim": _dim(spec), "params": p, "device": str(device)}
+    meta = {"encoder": spec.as_meta(), "dim": _dim(spec), "params": as_dict(cfg), "device": str(device)}
     return run_stage("text", plan, cache, extract, columns(settings["dtype"]), meta, out_path)
 
 
@@ -107,8 +116,7 @@ def _extract(todo: dict, spec, device, settings: dict, batch_size: int, cache: F
                 if truncated else ("empty transcript" if not todo[keys[i]][0].strip() else "")
             cache.put(keys[i], {
                 "n_tokens": np.int32(n), "token_ids": np.asarray(ids[i], np.int32),
-                "hidden": h.astype(settings["dtype"]), "pooled_cls": h[0].astype(np.float32),
-                "pooled_mean": h.mean(axis=0).astype(np.float32), "truncated": np.bool_(truncated),
+                "hidden": h.astype(settings["dtype"]), "pooled_mean": h.mean(axis=0).astype(np.float32), "truncated": np.bool_(truncated),
             }, note=note)
             out.media_s += todo[keys[i]][1]
         n_tokens += int(sum(lengths))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -26,13 +27,31 @@ from ..cache import FeatureCache, file_sha256, make_key
 from ..compute import Compute, parallel_map
 from ..encoders import load_image_encoder, pick_device, resolve_image_encoder
 from ..media import iter_video_frames, read_image
+from ..params import DEVICE, as_dict, between, ge, gt, one_of, param, section
 from .runner import Extracted, Plan, progress, row_str, run_stage
 
 VERSION = 1
+PARALLEL = True  # clips run on `compute` (params section compute)
 # Haar settings, measured on the real clips (97% of frames with a face found) and the
 # demo's cartoon heads (70%): detection runs on a grey copy with a 180 px short side
 # (~5x faster than 448 px), a face must span 1/8 of it (talking heads, not crowds)
 DETECT_SHORT_SIDE, MIN_FACE_FRACTION, SCALE_STEP, MIN_NEIGHBOURS = 180, 8, 1.1, 4
+
+
+@section("features.visual")
+@dataclass
+class VisualParams:
+    encoder: str = param("efficientnet-lite0", doc="preset (efficientnet-lite0 | clip-vit-b-32 | clip-vit-l-14), "
+                                                   "an open_clip folder, or an open_clip model name")
+    pretrained: str = param("", doc="open_clip model name only: a tag (openai, ...) or a local checkpoint file")
+    fps: float = param(3.0, gt(0), "frames sampled per second of video")
+    face_crop: bool = param(True, doc="crop the largest face (Haar cascade); the full frame when none is found")
+    face_pad: float = param(0.25, ge(0), "box padding, fraction of the face size")
+    face_smooth: float = param(0.6, between(0, 1, hi_open=True), "exponential smoothing of the box over frames (0 = none)")
+    max_frames: int = param(64, ge(0), "frames per clip, spread over its length (0 = no cap)")
+    dtype: str = param("float16", one_of("float16", "float32"))
+    batch_size: int = param(64, ge(1), "frames per encoder batch")
+    device: str = param("auto", DEVICE)
 
 
 def columns(dtype: str) -> dict:
@@ -192,10 +211,10 @@ class FrameBatcher:
 
 # --------------------------------------------------------------------------- the stage
 
-def settings_from(p: dict) -> dict:
-    return {"fps": float(p.get("fps", 3.0)), "max_frames": int(p.get("max_frames", 0) or 0),
-            "face_crop": bool(p.get("face_crop", True)), "face_pad": float(p.get("face_pad", 0.25)),
-            "face_smooth": float(p.get("face_smooth", 0.0)), "dtype": str(p.get("dtype", "float16"))}
+def settings_from(cfg: VisualParams) -> dict:
+    """The params that change the result (they key the cache)."""
+    return {"fps": cfg.fps, "max_frames": cfg.max_frames, "face_crop": cfg.face_crop, "face_pad": cfg.face_pad,
+            "face_smooth": cfg.face_smooth, "dtype": cfg.dtype}
 
 
 def plan_rows(manifest, prefix: tuple, settings: dict, threads: int) -> Plan:
@@ -205,7 +224,7 @@ def plan_rows(manifest, prefix: tuple, settings: dict, threads: int) -> Plan:
         path = row_str(row.get("image_path")) if media == "image" else row_str(row.get("video_path"))
         if media not in ("video", "image") or not path:
             plan.keys.append(None)
-            plan.skipped[i] = "no media (transcript-only segment)"
+            plan.skipped[i] = "no video (audio-only segment)" if media == "audio" else "no media (transcript-only segment)"
             continue
         try:
             digest = row_str(row.get("content_hash")) or file_sha256(path)
@@ -220,27 +239,27 @@ def plan_rows(manifest, prefix: tuple, settings: dict, threads: int) -> Plan:
     return plan
 
 
-def run(manifest, params: dict, cache_root, out_path, show_progress: bool = True) -> dict:
-    """The `visual` stage: features.visual params, manifest rows -> out_path (Parquet + JSON)."""
-    p = dict(params["features"]["visual"])
-    settings = settings_from(p)
-    compute = Compute.from_params(params)
-    device = pick_device(p.get("device", "auto"))
+def run(manifest, cfg: VisualParams, cache_root, out_path, *, compute: Compute | None = None,
+        show_progress: bool = True) -> dict:
+    """The `visual` stage: manifest rows -> out_path (Parquet + JSON); clips decode on `compute`."""
+    settings = settings_from(cfg)
+    compute = compute or Compute(n_jobs=1)
+    device = pick_device(cfg.device)
     cache = FeatureCache(cache_root, "visual")
     has_media = "media" in manifest and manifest["media"].isin(["video", "image"]).any()
-    spec = resolve_image_encoder(str(p["encoder"]), str(p.get("pretrained", "") or "")) if has_media else None
+    spec = resolve_image_encoder(cfg.encoder, cfg.pretrained) if has_media else None
     precision = "bf16" if device.type == "cuda" else "fp32"
     prefix = ("visual", VERSION, spec.id if spec else "", spec.revision if spec else "", settings, precision)
     # FFmpeg threads per decode: all cores when decoding inline, one per worker when the workers fill the cores
     threads = 0 if compute.workers <= 1 else max(1, (os.cpu_count() or 1) // compute.workers)
     plan = plan_rows(manifest, prefix, settings, threads)
-    meta = {"encoder": spec.as_meta() if spec else {"id": "", "revision": ""}, "dim": None, "params": p,
+    meta = {"encoder": spec.as_meta() if spec else {"id": "", "revision": ""}, "dim": None, "params": as_dict(cfg),
             "device": str(device)}
 
     def extract(todo: dict) -> Extracted:
         encoder = load_image_encoder(spec, device)  # weights load only when something is missing
         meta.update(dim=encoder.dim, image_size=encoder.image_size)
-        return _extract(todo, encoder, cache, settings, int(p.get("batch_size", 64)), compute, show_progress)
+        return _extract(todo, encoder, cache, settings, cfg.batch_size, compute, show_progress)
 
     if not has_media:
         meta.update(dim=0, note="no media: nothing to extract")

@@ -1,11 +1,14 @@
 """Sentiment models: GEXSent, GCE and two baselines, all with one interface.
 
 ``build_model(name, input_dims, task, num_classes, config)`` returns an
-``nn.Module`` whose ``forward(batch)`` takes padded modality features with masks
-(``batch[m]`` (B, L_m, D_m), ``batch[f"{m}_mask"]`` (B, L_m) bool, True = real;
-``batch["label"]`` in training) and returns ``{"pred", "aux", "extras"?}``:
+``nn.Module`` whose ``forward(batch)`` takes padded modality features with masks,
+as ``dataset.collate`` builds them from the registry (``batch[m]`` (B, L_m, D_m),
+``batch[f"{m}_mask"]`` (B, L_m) bool, True = real; ``batch[f"{m}_pooled"]`` for
+modalities with a pooled vector; ``batch["label"]`` in training) and returns
+``{"pred", "aux", "extras"?}``:
 ``pred`` is a (B,) score for regression or (B, C) logits for classification,
 ``aux`` holds already-weighted auxiliary losses to add to the task loss.
+A model class may set ``reads`` (a tuple of modalities) when it uses only some.
 """
 from __future__ import annotations
 
@@ -30,4 +33,10 @@ def build_model(name: str, input_dims: dict[str, int], task: str, num_classes: i
     return MODELS[name](dict(input_dims), task, num_classes, config or {})
 
 
-__all__ = ["MODELS", "build_model", "GEXSent", "GCE", "TextOnly", "LateFusion"]
+def modalities_read(name: str, available) -> list[str]:
+    """The modalities model `name` uses out of those available, in the given order."""
+    reads = getattr(MODELS[name], "reads", None)
+    return [m for m in available if reads is None or m in reads]
+
+
+__all__ = ["MODELS", "build_model", "modalities_read", "GEXSent", "GCE", "TextOnly", "LateFusion"]

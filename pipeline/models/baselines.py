@@ -22,23 +22,23 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .blocks import MLPHead, check_choice, config_from_dict, masked_mean, resolve_inputs, text_utterance_vector, to_prediction
+from ..params import between, ge, one_of, param, section
+from .blocks import MLPHead, config_from_dict, masked_mean, resolve_inputs, to_prediction, utterance_vector
 
 
+@section("text_only")
 @dataclass
 class TextOnlyConfig:
-    text_pool: str = "mean"  # first ([CLS]) | mean, as in GCE
-    head_hidden: int = 128  # hidden size of the MLP head
-    dropout: float = 0.1
-
-    def __post_init__(self):
-        check_choice("text_pool", self.text_pool, ("first", "mean"))
+    text_pool: str = param("mean", one_of("first", "mean"), "first ([CLS]) | mean, as in GCE")
+    head_hidden: int = param(128, ge(1), "hidden size of the MLP head")
+    dropout: float = param(0.1, between(0, 1, hi_open=True))
 
 
 class TextOnly(nn.Module):
     """Text utterance vector -> MLP head. Other modalities in the batch are ignored."""
 
     config_class = TextOnlyConfig
+    reads = ("text",)  # the modalities it uses (the others are never loaded for it)
 
     def __init__(self, input_dims: dict[str, int], task: str = "regression", num_classes: int = 1,
                  config: TextOnlyConfig | dict | None = None):
@@ -51,14 +51,15 @@ class TextOnly(nn.Module):
         self.head = MLPHead(input_dims["text"], self.config.head_hidden, out_dim, self.config.dropout)
 
     def forward(self, batch: dict) -> dict:
-        text = text_utterance_vector(batch, self.config.text_pool)  # (B, D_text)
+        text = utterance_vector(batch, "text", self.config.text_pool)  # (B, D_text)
         return {"pred": to_prediction(self.head(text), self.task), "aux": {}}
 
 
+@section("late_fusion")
 @dataclass
 class LateFusionConfig:
-    head_hidden: int = 128  # hidden size of the MLP head
-    dropout: float = 0.1
+    head_hidden: int = param(128, ge(1), "hidden size of the MLP head")
+    dropout: float = param(0.1, between(0, 1, hi_open=True))
 
 
 class LateFusion(nn.Module):

@@ -11,32 +11,25 @@ batch size 1 is an ordinary batch.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-MODALITIES = ("text", "visual", "acoustic")  # canonical order, used everywhere
+from .. import schema
+from ..params import parse
+
 TASKS = ("regression", "classification")
 
 
 # ----------------------------------------------------------------------------
 # Configuration and inputs
 # ----------------------------------------------------------------------------
-def config_from_dict(config_class, config):
-    """Build a config dataclass from a plain dict (a params.yaml section), rejecting unknown keys."""
-    if isinstance(config, config_class):
-        return config
-    config = dict(config or {})
-    known = {field.name for field in dataclasses.fields(config_class)}
-    unknown = sorted(set(config) - known)
-    if unknown:
-        raise ValueError(
-            f"unknown {config_class.__name__} key(s) {unknown}; known keys: {sorted(known)}"
-        )
-    return config_class(**config)
+def config_from_dict(config_class, config, name: str | None = None):
+    """A model's params.yaml section (a dict, or already the config) -> its config dataclass; unknown keys,
+    wrong types and out-of-range values raise ParamError naming the key."""
+    return parse(config_class, config, name or getattr(config_class, "section_name", config_class.__name__))
 
 
 def check_choice(name: str, value, choices) -> None:
@@ -45,11 +38,12 @@ def check_choice(name: str, value, choices) -> None:
 
 
 def resolve_inputs(input_dims: dict[str, int], task: str, num_classes: int) -> tuple[tuple[str, ...], int]:
-    """Validate the model inputs; return the modalities present (canonical order) and the output size."""
-    unknown = sorted(set(input_dims) - set(MODALITIES))
+    """Validate the model inputs; return the modalities present (registry order) and the output size."""
+    registered = schema.names()
+    unknown = sorted(set(input_dims) - set(registered))
     if unknown:
-        raise ValueError(f"unknown modality {unknown}; expected a subset of {list(MODALITIES)}")
-    modalities = tuple(m for m in MODALITIES if m in input_dims)
+        raise ValueError(f"unknown modality {unknown}; registered: {list(registered)}")
+    modalities = tuple(m for m in registered if m in input_dims)
     if not modalities:
         raise ValueError("input_dims must name at least one modality")
     for m in modalities:
@@ -74,10 +68,6 @@ def task_loss(pred: torch.Tensor, label: torch.Tensor, task: str, reduction: str
     return F.cross_entropy(pred.float(), label.long(), reduction=reduction)
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 # ----------------------------------------------------------------------------
 # Pooling, heads, projections
 # ----------------------------------------------------------------------------
@@ -89,13 +79,15 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return x.sum(dim=1) / count
 
 
-def text_utterance_vector(batch: dict, pool: str) -> torch.Tensor:
-    """One vector per utterance from the text token states: the first ([CLS]-like) state or the masked mean."""
+def utterance_vector(batch: dict, modality: str, pool: str) -> torch.Tensor:
+    """One vector per utterance from a modality's steps: the first ([CLS]-like) state, or the masked mean
+    (the stored pooled vector when the modality has one, as text does)."""
+    keys = schema.get(modality).batch_keys()
     if pool == "first":
-        return batch["text"][:, 0]
-    if batch.get("text_pooled") is not None:
-        return batch["text_pooled"]
-    return masked_mean(batch["text"], batch["text_mask"])
+        return batch[keys["sequence"]][:, 0]
+    if batch.get(keys.get("pooled", "")) is not None:
+        return batch[keys["pooled"]]
+    return masked_mean(batch[keys["sequence"]], batch[keys["mask"]])
 
 
 class MLPHead(nn.Module):
@@ -190,7 +182,7 @@ class MixtureOfExperts(nn.Module):
       outputs are combined with the (mostly zero) gate weights. E/k times the
       FLOPs, but no sorting or indexing.
 
-    ``python -m pipeline.models.bench_moe`` times both at our sizes.
+    ``python -m tools.bench_moe`` times both at our sizes.
     Only real tokens (mask True) are routed; padded positions come out as zeros.
     """
 

@@ -56,47 +56,55 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import schema
+from ..params import between, fail, ge, gt, one_of, param, section
 from .blocks import (
     ContrastiveAlignment,
     GlobalTokenEncoder,
     MLPHead,
-    check_choice,
     config_from_dict,
     resolve_inputs,
     task_loss,
-    text_utterance_vector,
     to_prediction,
+    utterance_vector,
 )
 
 
+@section("gce")
 @dataclass
 class GCEConfig:
-    text_pool: str = "mean"  # first ([CLS], reference) | mean: frozen sentence encoders are trained for mean pooling
-    text_dim: int = 0  # 0: text vector used as is (reference); > 0: Linear + tanh projection to this size
-    visual_d_model: int = 24  # visual encoder width (reference: 24)
-    acoustic_d_model: int = 16  # acoustic encoder width (reference: 16)
-    encoder_layers: int = 3  # transformer layers per encoder (reference: 3)
-    encoder_heads: int = 4  # attention heads per encoder (reference: 4)
-    encoder_ff_dim: int = 0  # encoder feed-forward size; 0: 4 x encoder width (reference: 2048, ~5x the step time)
-    utterance_dim: int = 64  # visual/acoustic utterance vector size (reference: 64)
-    pair_dim: int = 64  # pair representation size (reference: 64)
-    fusion_dim: int = 512  # unimodal and pair summaries, and their mix (reference: 512)
-    head_hidden: int = 128  # hidden size of the head and the graders (reference d_prjh: 128)
-    dropout: float = 0.1  # head/grader dropout and encoder dropout (reference: 0.1)
-    grading: str = "batch"  # batch (reference: one guide per batch) | sample (one guide per sample)
-    grading_ratio: float = 0.7  # guide g teaches pair s only where error_g < ratio * error_s
-    relation_dim: int = 64  # projection size inside the relation filter (reference gd_size: 64)
-    relation_alpha: float = 0.125  # w = sigmoid(alpha * W[z_g; z_s]) (reference: 1/8)
-    contrastive_dim: int = 128  # InfoNCE projection size (reference: 128)
-    contrastive_temperature: float = 0.07  # InfoNCE temperature (reference: 0.07)
-    learnable_temperature: bool = False  # learn the InfoNCE scale (CLIP-style, capped at 100)
-    grader_weight: float = 1.0  # weight of the graders' task losses
-    contrastive_weight: float = 0.35  # alpha in the reference config
-    relation_weight: float = 0.25  # beta in the reference config
+    text_pool: str = param("mean", one_of("first", "mean"),
+                           "first ([CLS], reference) | mean: frozen sentence encoders are trained for mean pooling")
+    text_dim: int = param(0, ge(0), "0: text vector used as is (reference); > 0: Linear + tanh projection to this size")
+    visual_d_model: int = param(24, ge(1), "visual encoder width (reference: 24)")
+    acoustic_d_model: int = param(16, ge(1), "acoustic encoder width (reference: 16); also other sequence modalities")
+    encoder_layers: int = param(3, ge(1), "transformer layers per encoder (reference: 3)")
+    encoder_heads: int = param(4, ge(1), "attention heads per encoder (reference: 4)")
+    encoder_ff_dim: int = param(0, ge(0), "encoder feed-forward size; 0: 4 x width (reference: 2048, ~5x the step time)")
+    utterance_dim: int = param(64, ge(1), "visual/acoustic utterance vector size (reference: 64)")
+    pair_dim: int = param(64, ge(1), "pair representation size (reference: 64)")
+    fusion_dim: int = param(512, ge(1), "unimodal and pair summaries, and their mix (reference: 512)")
+    head_hidden: int = param(128, ge(1), "hidden size of the head and the graders (reference d_prjh: 128)")
+    dropout: float = param(0.1, between(0, 1, hi_open=True), "head/grader dropout and encoder dropout (reference: 0.1)")
+    grading: str = param("batch", one_of("batch", "sample"), "batch (reference: one guide per batch) | sample")
+    grading_ratio: float = param(0.7, gt(0), "guide g teaches pair s only where error_g < ratio * error_s")
+    relation_dim: int = param(64, ge(1), "projection size inside the relation filter (reference gd_size: 64)")
+    relation_alpha: float = param(0.125, gt(0), "w = sigmoid(alpha * W[z_g; z_s]) (reference: 1/8)")
+    contrastive_dim: int = param(128, ge(1), "InfoNCE projection size (reference: 128)")
+    contrastive_temperature: float = param(0.07, gt(0), "InfoNCE temperature (reference: 0.07)")
+    learnable_temperature: bool = param(False, doc="learn the InfoNCE scale (CLIP-style, capped at 100)")
+    grader_weight: float = param(1.0, ge(0), "weight of the graders' task losses")
+    contrastive_weight: float = param(0.35, ge(0), "alpha in the reference config")
+    relation_weight: float = param(0.25, ge(0), "beta in the reference config")
 
     def __post_init__(self):
-        check_choice("text_pool", self.text_pool, ("first", "mean"))
-        check_choice("grading", self.grading, ("batch", "sample"))
+        for m in ("visual", "acoustic"):
+            if self.encoder_width(m) % self.encoder_heads:
+                raise fail("encoder_heads", self.encoder_heads, f"a divisor of {m}_d_model ({self.encoder_width(m)})")
+
+    def encoder_width(self, modality: str) -> int:
+        """Width of a sequence modality's encoder: visual_d_model for visual, acoustic_d_model otherwise."""
+        return self.visual_d_model if modality == "visual" else self.acoustic_d_model
 
 
 def gram(x: torch.Tensor) -> torch.Tensor:
@@ -169,7 +177,7 @@ class PairFusion(nn.Module):
 
 
 class GCE(nn.Module):
-    """Graded pairwise fusion over any non-empty subset of text/visual/acoustic."""
+    """Graded pairwise fusion over any non-empty subset of the registered modalities."""
 
     config_class = GCEConfig
 
@@ -181,15 +189,17 @@ class GCE(nn.Module):
         self.task = task
 
         # utterance encoders; dims[m] is the size of modality m's utterance vector
+        # a modality with a pooled vector (text) takes its vector; the others get a global-token encoder
         self.encoders = nn.ModuleDict()
         dims = {}
-        if "text" in self.modalities:
-            dims["text"] = cfg.text_dim or input_dims["text"]
-            self.encoders["text"] = (
-                nn.Sequential(nn.Linear(input_dims["text"], cfg.text_dim), nn.Tanh()) if cfg.text_dim else nn.Identity()
-            )
-        for m, width in (("visual", cfg.visual_d_model), ("acoustic", cfg.acoustic_d_model)):
-            if m in self.modalities:
+        for m in self.modalities:
+            if schema.get(m).pooled:
+                dims[m] = cfg.text_dim or input_dims[m]
+                self.encoders[m] = (
+                    nn.Sequential(nn.Linear(input_dims[m], cfg.text_dim), nn.Tanh()) if cfg.text_dim else nn.Identity()
+                )
+            else:
+                width = cfg.encoder_width(m)
                 dims[m] = cfg.utterance_dim
                 self.encoders[m] = GlobalTokenEncoder(
                     input_dims[m], width, cfg.encoder_heads, cfg.encoder_layers, cfg.encoder_ff_dim or 4 * width,
@@ -231,8 +241,8 @@ class GCE(nn.Module):
         # 1. utterance vectors, (B, dims[m]) each
         utterances = {}
         for m in self.modalities:
-            if m == "text":
-                vector = self.encoders[m](text_utterance_vector(batch, cfg.text_pool))
+            if schema.get(m).pooled:
+                vector = self.encoders[m](utterance_vector(batch, m, cfg.text_pool))
             else:
                 vector = self.encoders[m](batch[m], batch[f"{m}_mask"])
             utterances[m] = torch.where(present[m][:, None], vector, self.missing[m].to(vector.dtype))

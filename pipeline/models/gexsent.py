@@ -18,8 +18,8 @@ copied). Per modality m present in ``input_dims``:
    token weights), then an MLP head.
 
 Differences from the reference, on purpose: padding masks are respected
-everywhere; missing modalities are excluded per sample; any subset of
-text/visual/acoustic works; all sizes come from ``GEXSentConfig``.
+everywhere; missing modalities are excluded per sample; any subset of the
+registered modalities works; all sizes come from ``GEXSentConfig``.
 
 The reference gate (``gate="softmax_mean"``) is the mean over E of a softmax
 over E logits, which is exactly 1/E for every token: a constant that only
@@ -46,13 +46,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .. import schema
+from ..params import between, fail, ge, gt, one_of, param, section
 from .blocks import (
     FeatureProjection,
     GatedSelfAttention,
     MixtureOfExperts,
     MLPHead,
     attendable,
-    check_choice,
     config_from_dict,
     masked_mean,
     resolve_inputs,
@@ -60,27 +61,30 @@ from .blocks import (
 )
 
 
+@section("gexsent")
 @dataclass
 class GEXSentConfig:
-    d_model: int = 64  # width of every modality stream after projection
-    n_experts: int = 10  # experts per modality (reference: 10)
-    top_k: int = 2  # experts routed per token (reference: 2)
-    expert_hidden: int = 128  # hidden size of each expert FFN
-    routing: str = "dispatch"  # dispatch | einsum: same result; bench_moe picks the faster
-    balance_weight: float = 0.01  # weight of the load-balancing loss (Switch Transformer uses 0.01)
-    n_heads: int = 4  # attention heads in self- and gated attention
-    cross_temperature: float = 1.0  # cross-modal attention: softmax(q.k / (sqrt(d) * temperature))
-    gate: str = "sigmoid"  # sigmoid | softmax_mean (reference; constant 1/n_gate_logits)
-    n_gate_logits: int = 10  # softmax_mean only: logits the softmax runs over (reference: n_experts)
-    gate_bias: bool = True  # add log(gate) to key scores so a zero gate removes a token
-    positions: bool = True  # sinusoidal positions on visual/acoustic steps
-    head_hidden: int = 64  # hidden size of the MLP head
-    dropout: float = 0.1  # dropout on projections, expert/attention outputs and the head
-    attention_dropout: float = 0.0  # dropout on attention probabilities (its masks cost ~25% of a CPU step)
+    d_model: int = param(64, ge(1), "width of every modality stream after projection")
+    n_experts: int = param(10, ge(1), "experts per modality (reference: 10)")
+    top_k: int = param(2, ge(1), "experts routed per token (reference: 2)")
+    expert_hidden: int = param(128, ge(1), "hidden size of each expert FFN")
+    routing: str = param("dispatch", one_of("dispatch", "einsum"), "same result; dispatch measured 2-6x faster on CPU")
+    balance_weight: float = param(0.01, ge(0), "weight of the load-balancing loss (Switch Transformer uses 0.01)")
+    n_heads: int = param(4, ge(1), "attention heads in self- and gated attention")
+    cross_temperature: float = param(1.0, gt(0), "cross-modal attention: softmax(q.k / (sqrt(d) * temperature))")
+    gate: str = param("sigmoid", one_of("sigmoid", "softmax_mean"), "softmax_mean is the reference: constant 1/n_gate_logits")
+    n_gate_logits: int = param(10, ge(1), "softmax_mean only: logits the softmax runs over (reference: n_experts)")
+    gate_bias: bool = param(True, doc="add log(gate) to key scores so a zero gate removes a token")
+    positions: bool = param(True, doc="sinusoidal positions on the steps of unordered modalities (frames, audio)")
+    head_hidden: int = param(64, ge(1), "hidden size of the MLP head")
+    dropout: float = param(0.1, between(0, 1, hi_open=True), "dropout on projections, expert/attention outputs, head")
+    attention_dropout: float = param(0.0, between(0, 1, hi_open=True), "on attention probabilities (~25% of a CPU step)")
 
     def __post_init__(self):
-        check_choice("routing", self.routing, ("dispatch", "einsum"))
-        check_choice("gate", self.gate, ("sigmoid", "softmax_mean"))
+        if self.top_k > self.n_experts:
+            raise fail("top_k", self.top_k, f"<= n_experts ({self.n_experts})")
+        if self.d_model % self.n_heads:
+            raise fail("n_heads", self.n_heads, f"a divisor of d_model ({self.d_model})")
 
 
 class CrossModalGate(nn.Module):
@@ -113,7 +117,7 @@ class CrossModalGate(nn.Module):
 
 
 class GEXSent(nn.Module):
-    """H-GMoE + GAM fusion over any non-empty subset of text/visual/acoustic."""
+    """H-GMoE + GAM fusion over any non-empty subset of the registered modalities."""
 
     config_class = GEXSentConfig
 
@@ -125,7 +129,7 @@ class GEXSent(nn.Module):
         self.task = task
         d = cfg.d_model
         self.projections = nn.ModuleDict({
-            m: FeatureProjection(input_dims[m], d, cfg.dropout, positions=cfg.positions and m != "text")
+            m: FeatureProjection(input_dims[m], d, cfg.dropout, positions=cfg.positions and not schema.get(m).ordered)
             for m in self.modalities
         })
         self.experts = nn.ModuleDict({

@@ -1,6 +1,6 @@
 """Micro-benchmark of the two MoE routing implementations at our sizes.
 
-    python -m pipeline.models.bench_moe [--tokens 512 2048 8192] [--repeats 20] [--device cpu]
+    python -m tools.bench_moe [--tokens 512 2048 8192] [--repeats 20] [--device cpu]
 
 Times forward + backward of ``MixtureOfExperts`` with ``routing="dispatch"`` and
 ``routing="einsum"`` on the same weights and inputs, interleaving the two so
@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from .blocks import MixtureOfExperts
+from pipeline.models.blocks import MixtureOfExperts
 
 
 def benchmark_moe_routing(n_tokens: int = 2048, d_model: int = 64, d_hidden: int = 128, n_experts: int = 10,

@@ -1,7 +1,7 @@
 """A deterministic synthetic talking-head corpus in the MMSA raw layout.
 
-    .venv/bin/python -m pipeline.demo --out raw/demo --clips 90 --seed 0       (the committed demo)
-    .venv/bin/python -m pipeline.demo --out /tmp/bench --clips 2000 --size 480x360 --jobs 2
+    python -m tools.demo                      (the committed demo: --out raw/demo --clips 120 --seed 0)
+    python -m tools.demo --out /tmp/bench --clips 2000 --size 480x360 --jobs 2
 
 writes
 
@@ -80,6 +80,7 @@ from scipy.signal import sosfilt
 # -----------------------------------------------------------------------------
 # defaults (the committed demo is generated with these)
 N_SPEAKERS = 12
+N_CLIPS = 120               # the committed demo corpus (raw/demo)
 SIZE = (320, 240)            # width x height; 480x360 is closer to CMU-MOSI
 FPS = 15
 SAMPLE_RATE = 16000          # mono; matches params.yaml features.acoustic.sample_rate
@@ -683,6 +684,11 @@ def generate_corpus(out: str | os.PathLike, n_clips: int, seed: int = 0, size: t
     for folder in (out / "Raw").iterdir() if (out / "Raw").is_dir() else []:
         if folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
+    return write_tables(out, clips)
+
+
+def write_tables(out: Path, clips: list) -> pd.DataFrame:
+    """label.csv and components.csv of the planned clips (no media); returns the label rows."""
     order = sorted(clips, key=lambda c: (c.video_id, int(c.clip_id)))
     labels = pd.DataFrame([{"video_id": c.video_id, "clip_id": c.clip_id, "text": c.text, "label": c.label,
                             "mode": c.mode} for c in order], columns=["video_id", "clip_id", "text", "label", "mode"])
@@ -698,17 +704,22 @@ def _parse_size(text: str) -> tuple:
     return width, height
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+def parser() -> argparse.ArgumentParser:
+    """The command line; its defaults make the committed demo corpus."""
+    parser = argparse.ArgumentParser(prog="python -m tools.demo", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="raw/demo", help="corpus root (label.csv + Raw/)")
-    parser.add_argument("--clips", type=int, default=90)
+    parser.add_argument("--clips", type=int, default=N_CLIPS, help=f"default {N_CLIPS}: the committed demo")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--speakers", type=int, default=N_SPEAKERS)
     parser.add_argument("--size", type=_parse_size, default=SIZE, help="WxH, even numbers (default 320x240)")
     parser.add_argument("--fps", type=float, default=FPS)
     parser.add_argument("--jobs", type=int, default=1, help="worker processes (output does not depend on it)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     start = time.perf_counter()
     labels = generate_corpus(args.out, args.clips, args.seed, args.size, args.fps, args.jobs, args.speakers,
                              progress=True)

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .. import schema
 from ..cache import atomic_write
 
 META_KEY = b"pipeline"
@@ -84,14 +85,12 @@ class FeatureTable:
         if not isinstance(col, Ragged):
             return col[self.index[id_]]
         row = col[self.index[id_]]
-        return row.reshape(-1, self.dim) if self.dim and column in _MATRIX_COLUMNS else row
+        is_matrix = any(m.sequence == column for m in schema.REGISTRY.values())
+        return row.reshape(-1, self.dim) if self.dim and is_matrix else row
 
     def sequences(self, column: str) -> dict[str, np.ndarray]:
         """id -> (n, dim) view for every segment (no copies of the numbers)."""
         return {id_: self.get(id_, column) for id_ in self.ids}
-
-
-_MATRIX_COLUMNS = {"hidden", "emb", "feats"}  # flattened (n, dim) sequences
 
 
 def _column(array: pa.ChunkedArray):

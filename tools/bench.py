@@ -1,11 +1,11 @@
 """Benchmarks. One subcommand per part of the pipeline: `features` and `train`.
 
-    python -m pipeline.bench features                          # 90-clip demo corpus, params.yaml as is
-    python -m pipeline.bench features --clips 2200 --size 480x360 \\
+    python -m tools.bench features                          # 90-clip demo corpus, params.yaml as is
+    python -m tools.bench features --clips 2200 --size 480x360 \\
         --set features.text.encoder=modernbert-base --set features.visual.encoder=clip-vit-b-32
-    python -m pipeline.bench features --corpus raw/demo --set features.visual.encoder=random:clip-vit-b-32
-    python -m pipeline.bench features --rss-sizes 200 2000     # + peak memory at two corpus sizes
-    python -m pipeline.bench train                             # MOSI-sized synthetic features, every model
+    python -m tools.bench features --corpus raw/demo --set features.visual.encoder=random:clip-vit-b-32
+    python -m tools.bench features --rss-sizes 200 2000     # + peak memory at two corpus sizes
+    python -m tools.bench train                             # MOSI-sized synthetic features, every model
 
 `features` makes (or takes, with --corpus) a corpus in the MMSA layout, builds its
 manifest with `prepare`, runs text, visual and acoustic cold (fresh cache) and
@@ -47,16 +47,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import yaml
-
-
-def _set(params: dict, assignment: str) -> None:
-    key, _, value = assignment.partition("=")
-    node = params
-    *path, last = key.split(".")
-    for part in path:
-        node = node.setdefault(part, {})
-    node[last] = yaml.safe_load(value)
 
 
 def _corpus(args, workdir: Path) -> Path:
@@ -70,7 +60,7 @@ def _corpus(args, workdir: Path) -> Path:
 
 
 def _generate(out: Path, clips: int, size: str, seed: int) -> Path:
-    from .demo import generate_corpus
+    from tools.demo import generate_corpus
 
     t = time.perf_counter()
     width, height = (int(v) for v in size.lower().split("x"))
@@ -94,41 +84,37 @@ def _timed_batches(fn, batches, warmup: int = 1) -> float:
     return time.perf_counter() - t
 
 
-def text_ceiling(manifest, params: dict) -> dict:
+def text_ceiling(manifest, cfg) -> dict:
     """The encoder alone on random token ids, in the corpus's own (length-sorted) batch shapes."""
     import torch
 
-    from .encoders import load_text_encoder, pick_device, resolve_text_encoder
-    from .features.text import encode, tokenize
+    from pipeline.encoders import load_text_encoder, pick_device, resolve_text_encoder
+    from pipeline.features.text import encode, tokenize
 
-    p = params["features"]["text"]
-    device = pick_device(p.get("device", "auto"))
-    tokenizer, model = load_text_encoder(resolve_text_encoder(str(p["encoder"])), device)
+    device = pick_device(cfg.device)
+    tokenizer, model = load_text_encoder(resolve_text_encoder(cfg.encoder), device)
     texts = sorted(set(manifest["text"].astype(str)))
-    ids, _ = tokenize(tokenizer, texts, int(p["max_length"]), bool(p.get("lowercase")))
+    ids, _ = tokenize(tokenizer, texts, cfg.max_length, cfg.lowercase)
     lengths = np.sort([len(x) for x in ids])
-    bs = int(p.get("batch_size", 64))
+    bs = cfg.batch_size
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(5, tokenizer.vocab_size, (len(lengths[i:i + bs]), int(lengths[i:i + bs].max())), generator=g)
                for i in range(0, len(lengths), bs)]
-    layers = [int(i) for i in p.get("layers", [-1])]
-    seconds = _timed_batches(lambda b: encode(model, b.to(device), torch.ones_like(b).to(device), layers, device), batches)
+    seconds = _timed_batches(lambda b: encode(model, b.to(device), torch.ones_like(b).to(device), cfg.layers, device), batches)
     return {"segments_per_s": len(lengths) / seconds, "tokens_per_s": float(lengths.sum()) / seconds, "segments": len(lengths)}
 
 
-def visual_ceilings(manifest, params: dict) -> dict:
+def visual_ceilings(manifest, cfg, compute) -> dict:
     """Decode-only (the same workers, no encoder) and encoder-only (random frames) throughput."""
     import torch
 
-    from .compute import Compute, parallel_map
-    from .encoders import load_image_encoder, pick_device, resolve_image_encoder
-    from .features import visual
+    from pipeline.compute import parallel_map
+    from pipeline.encoders import load_image_encoder, pick_device, resolve_image_encoder
+    from pipeline.features import visual
 
-    p = params["features"]["visual"]
-    compute = Compute.from_params(params)
-    device = pick_device(p.get("device", "auto"))
-    encoder = load_image_encoder(resolve_image_encoder(str(p["encoder"]), str(p.get("pretrained", "") or "")), device)
-    settings = visual.settings_from(p)
+    device = pick_device(cfg.device)
+    encoder = load_image_encoder(resolve_image_encoder(cfg.encoder, cfg.pretrained), device)
+    settings = visual.settings_from(cfg)
     threads = 0 if compute.workers <= 1 else max(1, (os.cpu_count() or 1) // compute.workers)
     plan = visual.plan_rows(manifest, ("bench",), settings, threads)
     units = [{**u, "image_size": encoder.image_size} for u in plan.units.values()]
@@ -138,7 +124,7 @@ def visual_ceilings(manifest, params: dict) -> dict:
             frames += len(clip["pixels"])
             media_s += clip["media_s"]
     decode_s = time.perf_counter() - t
-    bs = int(p.get("batch_size", 64))
+    bs = cfg.batch_size
     n_batches = max(3, min(20, frames // bs))
     pixels = torch.randint(0, 256, (bs, encoder.image_size, encoder.image_size, 3), dtype=torch.uint8)
     encode_s = _timed_batches(encoder, [pixels] * n_batches)
@@ -147,71 +133,105 @@ def visual_ceilings(manifest, params: dict) -> dict:
             "encoder": {"frames_per_s": n_batches * bs / encode_s}}
 
 
-def features(args) -> int:
-    from .config import load_params
-    from .features import acoustic, text, visual
-    from .prepare import build_manifest
+def _params(args) -> dict:
+    """params.yaml with the --set overrides applied, as plain data."""
+    from pipeline import params
 
-    params = load_params(args.params)
+    raw = params.load(args.params)
     for assignment in args.set or []:
-        _set(params, assignment)
+        params.assign(raw, assignment)
+    return raw
+
+
+def _stage_configs(raw: dict) -> tuple[dict, object]:
+    """Each feature stage's typed params, and the compute section."""
+    from pipeline import params
+    from pipeline.compute import Compute
+    from pipeline.features import acoustic, text, visual  # noqa: F401  (registers their sections)
+
+    return {m: params.read(raw, params.SECTIONS[f"features.{m}"]) for m in ("text", "visual", "acoustic")}, \
+        params.read(raw, Compute)
+
+
+def _run_stages(args, manifest, configs: dict, compute, cache: Path, workdir: Path, report: dict) -> float:
+    """Each stage cold, in turn; prints and records per-stage throughput. Returns the total wall time."""
+    import importlib
+
+    total = 0.0
+    for name in args.stages.split(","):
+        module = importlib.import_module(f"pipeline.features.{name}")
+        t = time.perf_counter()
+        meta = module.run(manifest, configs[name], cache, workdir / f"{name}.parquet", compute=compute,
+                          show_progress=args.progress)
+        wall = time.perf_counter() - t
+        total += wall
+        tp = meta["throughput"]
+        report["stages"][name] = {"wall_s": wall, "throughput": tp, "encoder": meta["encoder"],
+                                  "ok": meta["counts"]["ok"], "failed": meta["counts"]["failed"],
+                                  "peak_rss_mb_so_far": _own_peak_rss_mb()}  # the process peak only rises
+        unit = "tokens" if name == "text" else ("analysis steps" if name == "acoustic" else "frames")
+        print(f"{name:9s} {wall:7.1f} s  {tp.get('clips_per_s', 0):8.2f} clips/s  {tp.get('frames_per_s', 0):9.1f} "
+              f"{unit}/s  {tp.get('media_s_per_s', 0):7.1f} s media/s  ({meta['counts']['ok']} ok, "
+              f"{meta['counts']['failed']} failed; encoder {meta['encoder'].get('id')})")
+    return total
+
+
+def _ceilings(args, manifest, configs: dict, compute, workdir: Path, report: dict) -> None:
+    """Same-run ceilings (encoder-only, decode-only) and the yin/pyin comparison."""
+    import dataclasses
+
+    from pipeline.features import acoustic
+
     stages = args.stages.split(",")
+    if "text" in stages and not args.no_ceilings:
+        ceiling = text_ceiling(manifest, configs["text"])
+        tp = report["stages"]["text"]["throughput"]
+        steady = tp["clips"] / max(1e-9, tp["extract_s"] - tp.get("load_s", 0))
+        report["stages"]["text"]["ceiling"] = ceiling
+        print(f"text      encoder ceiling {ceiling['segments_per_s']:.1f} segments/s (random ids, same batch shapes); "
+              f"achieved {steady:.1f} segments/s without model load = {steady / ceiling['segments_per_s']:.0%}")
+    if "visual" in stages and not args.no_ceilings:
+        ceil = visual_ceilings(manifest, configs["visual"], compute)
+        achieved = report["stages"]["visual"]["throughput"]["frames_per_s"]
+        bound = min(ceil["decode"]["frames_per_s"], ceil["encoder"]["frames_per_s"])
+        report["stages"]["visual"]["ceiling"] = ceil
+        print(f"visual    decode ceiling {ceil['decode']['frames_per_s']:.1f} frames/s "
+              f"({ceil['decode']['clips_per_s']:.2f} clips/s, decode + sample + face crop in the workers); "
+              f"encoder ceiling {ceil['encoder']['frames_per_s']:.1f} frames/s (random frames); "
+              f"achieved {achieved:.1f} frames/s = {achieved / bound:.0%} of the lower ceiling")
+    if "acoustic" in stages and args.pyin_clips:
+        subset = manifest.head(args.pyin_clips)
+        rates = {}
+        for f0 in ("yin", "pyin"):
+            cfg = dataclasses.replace(configs["acoustic"], f0=f0)
+            meta = acoustic.run(subset, cfg, workdir / f"cache-{f0}", workdir / f"ac-{f0}.parquet", compute=compute,
+                                show_progress=False)
+            rates[f0] = meta["throughput"]["media_s_per_s"]
+        report["stages"]["acoustic"]["f0_media_s_per_s"] = rates
+        print(f"acoustic  f0 on {len(subset)} clips: yin {rates['yin']:.1f} s media/s, pyin {rates['pyin']:.2f} "
+              f"s media/s (pyin {rates['yin'] / rates['pyin']:.0f}x slower)")
+
+
+def features(args) -> int:
+    from pipeline.prepare import build_manifest
+
+    raw = _params(args)
+    configs, compute = _stage_configs(raw)
     with tempfile.TemporaryDirectory(prefix="msa-bench-") as tmp:
         workdir = Path(tmp)
         root = _corpus(args, workdir)
-        manifest, rejects = build_manifest({**params.get("data", {}), "root": str(root)}, progress=False)
+        manifest, rejects = build_manifest({**raw.get("data", {}), "root": str(root)}, progress=False)
         media_s = float(manifest["duration"].sum())
         print(f"manifest: {len(manifest)} segments, {media_s / 60:.1f} min of media, {len(rejects)} rejected; "
-              f"compute {params.get('compute')}; cpu cores {os.cpu_count()}")
+              f"compute {compute}; cpu cores {os.cpu_count()}")
         cache = Path(args.cache) if args.cache else workdir / "cache"
-        report: dict = {"segments": len(manifest), "media_s": media_s, "stages": {}, "params": params["features"]}
-        modules = {"text": text, "visual": visual, "acoustic": acoustic}
-        total = 0.0
-        for name in stages:
-            t = time.perf_counter()
-            meta = modules[name].run(manifest, params, cache, workdir / f"{name}.parquet", show_progress=args.progress)
-            wall = time.perf_counter() - t
-            total += wall
-            tp = meta["throughput"]
-            report["stages"][name] = {"wall_s": wall, "throughput": tp, "encoder": meta["encoder"],
-                                      "ok": meta["counts"]["ok"], "failed": meta["counts"]["failed"],
-                                      "peak_rss_mb_so_far": _own_peak_rss_mb()}  # the process peak only rises
-            unit = "tokens" if name == "text" else ("analysis steps" if name == "acoustic" else "frames")
-            print(f"{name:9s} {wall:7.1f} s  {tp.get('clips_per_s', 0):8.2f} clips/s  {tp.get('frames_per_s', 0):9.1f} "
-                  f"{unit}/s  {tp.get('media_s_per_s', 0):7.1f} s media/s  ({meta['counts']['ok']} ok, "
-                  f"{meta['counts']['failed']} failed; encoder {meta['encoder'].get('id')})")
-        print(f"all {len(stages)} stages: {total:.1f} s for {len(manifest)} clips ({media_s / 60:.1f} min of media)")
+        report: dict = {"segments": len(manifest), "media_s": media_s, "stages": {}, "params": raw.get("features")}
+        total = _run_stages(args, manifest, configs, compute, cache, workdir, report)
+        print(f"all {len(report['stages'])} stages: {total:.1f} s for {len(manifest)} clips ({media_s / 60:.1f} min of media)")
         report["total_s"] = total
         report["peak_rss_mb"] = _own_peak_rss_mb()
         print(f"peak RSS of this process so far: {report['peak_rss_mb']:.0f} MiB (workers not included)")
-
-        if "text" in stages and not args.no_ceilings:
-            ceiling = text_ceiling(manifest, params)
-            tp = report["stages"]["text"]["throughput"]
-            steady = tp["clips"] / max(1e-9, tp["extract_s"] - tp.get("load_s", 0))
-            report["stages"]["text"]["ceiling"] = ceiling
-            print(f"text      encoder ceiling {ceiling['segments_per_s']:.1f} segments/s (random ids, same batch shapes); "
-                  f"achieved {steady:.1f} segments/s without model load = {steady / ceiling['segments_per_s']:.0%}")
-        if "visual" in stages and not args.no_ceilings:
-            ceil = visual_ceilings(manifest, params)
-            achieved = report["stages"]["visual"]["throughput"]["frames_per_s"]
-            bound = min(ceil["decode"]["frames_per_s"], ceil["encoder"]["frames_per_s"])
-            report["stages"]["visual"]["ceiling"] = ceil
-            print(f"visual    decode ceiling {ceil['decode']['frames_per_s']:.1f} frames/s "
-                  f"({ceil['decode']['clips_per_s']:.2f} clips/s, decode + sample + face crop in the workers); "
-                  f"encoder ceiling {ceil['encoder']['frames_per_s']:.1f} frames/s (random frames); "
-                  f"achieved {achieved:.1f} frames/s = {achieved / bound:.0%} of the lower ceiling")
-        if "acoustic" in stages and args.pyin_clips:
-            subset = manifest.head(args.pyin_clips)
-            rates = {}
-            for f0 in ("yin", "pyin"):
-                q = json.loads(json.dumps(params))
-                q["features"]["acoustic"]["f0"] = f0
-                meta = acoustic.run(subset, q, workdir / f"cache-{f0}", workdir / f"ac-{f0}.parquet", show_progress=False)
-                rates[f0] = meta["throughput"]["media_s_per_s"]
-            report["stages"]["acoustic"]["f0_media_s_per_s"] = rates
-            print(f"acoustic  f0 on {len(subset)} clips: yin {rates['yin']:.1f} s media/s, pyin {rates['pyin']:.2f} "
-                  f"s media/s (pyin {rates['yin'] / rates['pyin']:.0f}x slower)")
+        _ceilings(args, manifest, configs, compute, workdir, report)
         if args.rss_sizes:
             report["rss"] = rss_by_corpus_size(args, workdir)
     if args.json:
@@ -270,7 +290,7 @@ def rss_by_corpus_size(args, workdir: Path) -> list[dict]:
     for clips in args.rss_sizes:
         root = _generate(workdir / f"corpus-{clips}", clips, args.size, args.seed)
         out = workdir / f"rss-{clips}.json"
-        cmd = [sys.executable, "-m", "pipeline.bench", "features", "--corpus", str(root), "--params", args.params,
+        cmd = [sys.executable, "-m", "tools.bench", "features", "--corpus", str(root), "--params", args.params,
                "--stages", args.stages, "--pyin-clips", "0", "--no-ceilings", "--json", str(out)]
         for assignment in args.set or []:
             cmd += ["--set", assignment]
@@ -300,12 +320,12 @@ def rss_by_corpus_size(args, workdir: Path) -> list[dict]:
 
 def write_synthetic_features(root: Path, segments: int, n_train: int, n_valid: int, dims: dict, steps: dict,
                              seed: int = 0) -> Path:
-    """Manifest + text/visual/acoustic Parquets in the feature stages' contract (pipeline.features.io),
-    random numbers with each modality's dims and mean sequence length (0.5x to 1.5x, uniform)."""
+    """Manifest + one Parquet per modality in the registry's contract (pipeline.schema), random numbers
+    with each modality's dims and mean sequence length (0.5x to 1.5x, uniform)."""
     import pandas as pd
 
-    from .features import acoustic, text, visual
-    from .features.io import list_array, write_feature_table
+    from pipeline import schema
+    from pipeline.features.table import list_array, write_feature_table
 
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
@@ -314,30 +334,18 @@ def write_synthetic_features(root: Path, segments: int, n_train: int, n_valid: i
     pd.DataFrame({"id": ids, "video_id": [i.split("/")[0] for i in ids], "clip_id": [i.split("/")[1] for i in ids],
                   "split": split, "label": rng.uniform(-3, 3, segments).round(1), "label_name": "",
                   "text": "x"}).to_parquet(root / "manifest.parquet")
-    columns = {"text": text.columns("float16"), "visual": visual.columns("float16"), "acoustic": acoustic.COLUMNS}
-    for m, dim in dims.items():
-        lengths = rng.integers(max(1, steps[m] // 2), steps[m] * 3 // 2 + 1, segments)
+    for name, dim in dims.items():
+        m = schema.get(name)
+        lengths = rng.integers(max(1, steps[name] // 2), steps[name] * 3 // 2 + 1, segments)
         seqs = [rng.standard_normal((n, dim), dtype=np.float32) for n in lengths]
-        arrays = {"id": pa.array(ids, pa.string())}
-        for name, (dtype, kind) in columns[m].items():
-            if name in ("hidden", "emb", "feats"):
-                rows = seqs
-            elif name in ("n_tokens", "n_frames"):
-                rows = lengths
-            elif name == "token_ids":
-                rows = [rng.integers(5, 30000, n).astype(np.int32) for n in lengths]
-            elif name in ("pooled_cls", "pooled_mean"):
-                rows = [s[0] if name == "pooled_cls" else s.mean(0) for s in seqs]
-            elif name == "timestamps":
-                rows = [np.arange(n, dtype=np.float32) / 3 for n in lengths]
-            elif name == "face_found":
-                rows = [np.ones(n, bool) for n in lengths]
-            else:  # truncated
-                rows = np.zeros(segments, bool)
-            np_type = dtype.to_pandas_dtype()
-            arrays[name] = list_array(list(rows), np_type) if kind == "list" else pa.array(np.asarray(rows, np_type), dtype)
-        write_feature_table(root / f"{m}.parquet", arrays, {"stage": m, "dim": dim, "params": {},
-                                                           "encoder": {"id": f"synthetic-{m}", "revision": "0"}})
+        arrays = {"id": pa.array(ids, pa.string()), m.length: pa.array(lengths.astype(np.int32)),
+                  m.sequence: list_array(seqs, np.float16)}
+        if m.pooled:
+            arrays[m.pooled] = list_array([s.mean(0) for s in seqs], np.float32)
+        if m.token_ids:
+            arrays[m.token_ids] = list_array([rng.integers(5, 30000, n).astype(np.int32) for n in lengths], np.int32)
+        write_feature_table(root / f"{name}.parquet", arrays, {"stage": name, "dim": dim, "params": {},
+                                                              "encoder": {"id": f"synthetic-{name}", "revision": "0"}})
     return root
 
 
@@ -345,12 +353,13 @@ def bench_model(name: str, data_dir: Path, cfg, arch: dict, device, epochs: int)
     """Train `name` for `epochs` epochs the way train_model does; time every epoch after the first."""
     import torch
 
-    from .dataset import AssembledData
-    from .models import build_model
-    from .train import _lr_lambda, _to, predict_rows, task_loss
+    from pipeline.dataset import AssembledData
+    from pipeline.models import build_model, modalities_read
+    from pipeline.models.blocks import task_loss
+    from pipeline.train import _lr_lambda, _to, predict_rows
 
     torch.manual_seed(cfg.seed)
-    data = AssembledData(data_dir, modalities=["text"] if name == "text_only" else list(cfg.modalities))
+    data = AssembledData(data_dir, modalities=modalities_read(name, cfg.modalities))
     model = build_model(name, data.input_dims, data.task, 1, arch).to(device)
     train_rows, valid_rows = data.split_rows("train"), data.split_rows("valid")
     collate_s = [0.0]
@@ -406,19 +415,18 @@ def bench_model(name: str, data_dir: Path, cfg, arch: dict, device, epochs: int)
 def train(args) -> int:
     import torch
 
-    from .config import load_params
-    from .dataset import AssembledData, assemble
-    from .train import TrainConfig, resolve_device
+    from pipeline import params
+    from pipeline.dataset import AssembledData, AssembleParams, assemble
+    from pipeline.models import MODELS
+    from pipeline.train import TrainParams, resolve_device
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    params = load_params(args.params)
-    for assignment in args.set or []:
-        _set(params, assignment)
-    model_params = {**params["model"], "device": args.device}
+    raw = _params(args)
+    params.assign(raw, f"model.device={args.device}")
     if args.batch_size:
-        model_params["batch_size"] = args.batch_size
-    cfg = TrainConfig.from_params(model_params)
+        params.assign(raw, f"model.batch_size={args.batch_size}")
+    cfg = params.read(raw, TrainParams)
     device = resolve_device(cfg.device)
     dims = {"text": args.text_dim, "visual": args.visual_dim, "acoustic": args.acoustic_dim}
     steps = {"text": args.text_steps, "visual": args.visual_steps, "acoustic": args.acoustic_steps}
@@ -427,7 +435,7 @@ def train(args) -> int:
         features = write_synthetic_features(Path(tmp) / "features", args.segments, args.train, args.valid, dims, steps,
                                             args.seed)
         meta = assemble(features / "manifest.parquet", {m: features / f"{m}.parquet" for m in dims},
-                        Path(tmp) / "dataset", max_steps=params.get("assemble", {}).get("max_steps"))
+                        Path(tmp) / "dataset", params.read(raw, AssembleParams))
         data = AssembledData(Path(tmp) / "dataset")
         shape = ", ".join(f"{m} {v['dim']}-d x {v['mean_len']:.0f} steps" for m, v in meta["modalities"].items())
         gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPU cores"
@@ -437,7 +445,8 @@ def train(args) -> int:
               f"batch {cfg.batch_size}, {args.epochs} epochs per model (first untimed)")
         results = []
         for name in args.models.split(","):
-            results.append(bench_model(name, Path(tmp) / "dataset", cfg, params.get(name) or {}, device, args.epochs))
+            arch = params.as_dict(params.parse(MODELS[name].config_class, raw.get(name), name))
+            results.append(bench_model(name, Path(tmp) / "dataset", cfg, arch, device, args.epochs))
             r = results[-1]
             print(f"  {name}: {r['epoch_s']:.2f} s/epoch", flush=True)
     header = f"{'model':12s} {'params':>10s} {'samples/s':>10s} {'step ms':>8s} {'of which batch ms':>17s} " \
@@ -455,7 +464,7 @@ def train(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     f = sub.add_parser("features", help="feature stages: throughput and ceilings",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
