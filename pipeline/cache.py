@@ -115,6 +115,14 @@ class FeatureCache:
         meta = json.loads(str(arrays.pop("__meta__")))
         return Entry(meta, arrays)
 
+    def meta(self, key: str) -> dict | None:
+        """The entry's metadata alone (its arrays are not read), or None when absent or unreadable."""
+        try:
+            with np.load(self.path(key), allow_pickle=False) as z:
+                return json.loads(str(z["__meta__"]))
+        except (FileNotFoundError, OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
+            return None
+
     def put(self, key: str, arrays: dict[str, np.ndarray], **meta) -> None:
         meta.setdefault("ok", True)
         payload = {k: np.ascontiguousarray(v) for k, v in arrays.items()}

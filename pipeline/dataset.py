@@ -47,12 +47,6 @@ class AssembleParams:
                 raise fail(f"max_steps.{m}", self.max_steps[m], f"keys among the modalities {', '.join(schema.names())}")
 
 
-def read_feature_meta(path: str | Path) -> dict:
-    """A feature table's stage report (from the Parquet footer, not the data)."""
-    meta = pq.read_schema(path).metadata or {}
-    return json.loads(meta.get(b"pipeline", b"{}"))
-
-
 def _rows(path: Path, columns: list[str], batch_rows: int = 1024):
     """(id, {column: row value}) for each row of a feature table, streamed by record batches. List columns
     come back as flat numpy arrays, scalars as numpy scalars."""
@@ -81,7 +75,7 @@ def _summarise_extra(reducer: str, values: list) -> float | None:
 def _assemble_modality(m: schema.Modality, path: Path, out: Path, row_of: dict[str, int], is_train: np.ndarray,
                        max_steps: int) -> dict:
     """Two streaming passes over one feature table: lengths and train statistics, then the model inputs."""
-    fmeta = read_feature_meta(path)
+    fmeta = schema.read_meta(path)
     dim, n = int(fmeta["dim"]), len(is_train)
     lengths, n_ids = np.zeros(n, np.int64), np.zeros(n, np.int64)
     steps, pooled = schema.Moments(dim), schema.Moments(dim)
@@ -142,7 +136,7 @@ def assemble(manifest_path: str | Path, feature_paths: dict[str, str | Path], ou
     """Build the training set folder from the manifest and whichever feature tables exist; returns its meta."""
     cfg = cfg or AssembleParams()
     manifest = pd.read_parquet(manifest_path)
-    manifest_meta = read_feature_meta(manifest_path)
+    manifest_meta = schema.read_meta(manifest_path)
     task = manifest_meta.get("task") or "regression"
     row_of = {sid: i for i, sid in enumerate(manifest["id"])}
     is_train = manifest["split"].to_numpy() == "train"
@@ -159,7 +153,7 @@ def assemble(manifest_path: str | Path, feature_paths: dict[str, str | Path], ou
             meta["skipped"][name] = f"no {path.name or name + ' features'}"
             continue
         if pq.ParquetFile(path).metadata.num_rows == 0:
-            meta["skipped"][name] = read_feature_meta(path).get("note") or "no segment has this modality"
+            meta["skipped"][name] = schema.read_meta(path).get("note") or "no segment has this modality"
             continue
         meta["modalities"][name], stats = _assemble_modality(m, path, out, row_of, is_train, cfg.max_steps.get(name, 0))
         norm.update(stats)

@@ -23,7 +23,7 @@ serving cannot drift apart.
 Adding a modality (say a speech encoder as `speech`) is one `register(Modality(...))` here, one
 extractor (`pipeline/features/speech.py` writing the columns above) and one stage in dvc.yaml.
 
-Bottom layer: imports numpy only.
+Bottom layer: imports numpy (pyarrow lazily), nothing of ours.
 """
 from __future__ import annotations
 
@@ -34,6 +34,17 @@ import numpy as np
 STD_FLOOR = 1e-3    # features nearly constant on train (a dead CNN channel) are not blown up
 CLIP_SIGMAS = 20.0  # a 20-sigma step is an outlier, and float16 must not overflow
 STORE_DTYPE = np.float16  # model inputs as stored by assemble and rebuilt by predict
+META_KEY = b"pipeline"    # Parquet schema metadata key of a stage's JSON report
+
+
+def read_meta(path) -> dict:
+    """A table's stage report, from the Parquet footer (the data is not read)."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    metadata = pq.read_schema(path).metadata or {}
+    return json.loads(metadata[META_KEY]) if META_KEY in metadata else {}
 
 
 @dataclass(frozen=True)

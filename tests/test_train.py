@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -127,6 +128,12 @@ def test_classification_task(tmp_path):
     result = train_model("gce", root / "dataset", tmp_path / "gce", FAST, {}, progress=False)
     assert set(result["test"]) == {"accuracy", "macro_f1", "weighted_f1"}
     assert (tmp_path / "gce" / "plots" / "confusion.png").exists()
+    written = pd.read_csv(tmp_path / "gce" / "plots" / "test_predictions.csv")   # class names, rounded probabilities
+    names = ["negative", "neutral", "positive"]
+    assert set(written["label"]) <= set(names) and set(written["pred"]) <= set(names)
+    probs = written[[f"p_{c}" for c in names]].to_numpy()
+    assert np.allclose(probs.sum(1), 1, atol=2e-4) and (probs.round(4) == probs).all()
+    assert (written["pred"] == [names[i] for i in probs.argmax(1)]).all()
 
 
 def test_transcript_only_dataset_trains_on_text(tmp_path, capsys):

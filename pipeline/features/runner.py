@@ -5,8 +5,9 @@
   2. extract  the stage computes the keys missing from the cache (cache misses
               only, each distinct key once) and writes every result, or its
               bad-input failure, into the cache as soon as it is done;
-  3. assemble the Parquet is built from the cache in manifest order and written
-              atomically with its metadata.
+  3. write     the Parquet is streamed from the cache in manifest order, a row group of a
+              few hundred segments at a time (memory stays flat in corpus size), and
+              renamed into place with its metadata.
 
 So a killed stage resumes at step 2 where it stopped, and a grown corpus only
 extracts what is new. Failures are per segment: rows without a result are listed
@@ -23,7 +24,7 @@ import pyarrow as pa
 
 from ..cache import FeatureCache
 from ..compute import retry_log
-from .table import list_array, write_feature_table
+from .table import list_array, write_feature_batches
 
 
 @dataclass
@@ -62,33 +63,24 @@ def run_stage(stage: str, plan: Plan, cache: FeatureCache, extract: Callable[[di
         done = extract(todo) if todo else Extracted()
     extract_s = time.perf_counter() - t1
 
-    rows, ids, failures, notes = {name: [] for name in columns}, [], [], []
-    for i, (id_, key) in enumerate(zip(plan.ids, plan.keys)):
+    ids, keys, failures, notes = [], [], [], []
+    for i, (id_, key) in enumerate(zip(plan.ids, plan.keys)):  # pass 1: entries' metadata only
         if key is None:
             failures.append({"id": id_, "reason": plan.skipped[i]})
             continue
-        entry = cache.get(key)
-        if entry is None:
+        entry_meta = cache.meta(key)
+        if entry_meta is None:
             failures.append({"id": id_, "reason": done.errors.get(key, "no result in the cache (extraction interrupted?)")})
             continue
-        if not entry.ok:
-            failures.append({"id": id_, "reason": entry.meta.get("reason", "unknown")})
+        if not entry_meta.get("ok"):
+            failures.append({"id": id_, "reason": entry_meta.get("reason", "unknown")})
             continue
         ids.append(id_)
-        for name in columns:
-            rows[name].append(entry.arrays[name])
-        if entry.meta.get("note"):
-            notes.append({"id": id_, "note": entry.meta["note"]})
-
-    arrays = {"id": pa.array(ids, pa.string())}
-    for name, (dtype, kind) in columns.items():
-        if kind == "list":
-            arrays[name] = list_array(rows[name], dtype.to_pandas_dtype())
-        else:
-            arrays[name] = pa.array(np.asarray(rows[name]).reshape(-1).astype(dtype.to_pandas_dtype()), dtype)
-
+        keys.append(key)
+        if entry_meta.get("note"):
+            notes.append({"id": id_, "note": entry_meta["note"]})
     if meta.get("dim") is None:
-        meta["dim"] = int(rows[dim_column][0].shape[-1]) if dim_column and rows[dim_column] else 0
+        meta["dim"] = int(cache.get(keys[0]).arrays[dim_column].shape[-1]) if dim_column and keys else 0
     n_keys = len(plan.units)
     meta = {
         "stage": stage,
@@ -103,8 +95,27 @@ def run_stage(stage: str, plan: Plan, cache: FeatureCache, extract: Callable[[di
         "wall_s": round(time.perf_counter() - t0, 3),
         "throughput": _throughput(done, extract_s),
     }
-    write_feature_table(out_path, arrays, meta)
+    arrow_schema = pa.schema([("id", pa.string())] + [
+        (name, pa.list_(dtype) if kind == "list" else dtype) for name, (dtype, kind) in columns.items()])
+    write_feature_batches(out_path, arrow_schema, _record_batches(cache, ids, keys, columns, arrow_schema), meta)
     return meta
+
+
+def _record_batches(cache: FeatureCache, ids: list[str], keys: list[str], columns: Columns, arrow_schema,
+                    rows_per_batch: int = 256):
+    """Pass 2: the cached arrays, a few hundred segments at a time (a row group each)."""
+    for start in range(0, len(ids), rows_per_batch):
+        entries = [cache.get(key).arrays for key in keys[start:start + rows_per_batch]]
+        arrays = [pa.array(ids[start:start + rows_per_batch], pa.string())]
+        for name, (dtype, kind) in columns.items():
+            np_type = dtype.to_pandas_dtype()
+            if kind == "list":
+                arrays.append(list_array([e[name] for e in entries], np_type))
+            else:
+                arrays.append(pa.array(np.asarray([e[name] for e in entries]).reshape(-1).astype(np_type), dtype))
+        yield pa.RecordBatch.from_arrays(arrays, schema=arrow_schema)
+    if not ids:
+        yield pa.RecordBatch.from_arrays([pa.array([], f.type) for f in arrow_schema], schema=arrow_schema)
 
 
 def _throughput(done: Extracted, seconds: float) -> dict:

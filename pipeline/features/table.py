@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from .. import schema
 from ..cache import atomic_write
 
-META_KEY = b"pipeline"
+META_KEY, read_meta = schema.META_KEY, schema.read_meta  # the report in the footer: part of the contract
 
 
 def list_array(rows: list[np.ndarray], dtype) -> pa.Array:
@@ -37,19 +37,24 @@ def list_array(rows: list[np.ndarray], dtype) -> pa.Array:
 
 
 def write_feature_table(path: str | os.PathLike, columns: dict[str, pa.Array], meta: dict) -> None:
-    """Write the Parquet (temp file + rename) and its JSON sidecar."""
-    path = Path(path)
+    """Write a whole table held in memory (temp file + rename) and its JSON sidecar."""
     table = pa.table(columns)
-    table = table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
-    atomic_write(path, lambda f: pq.write_table(table, f, compression="zstd", compression_level=1))
+    write_feature_batches(path, table.schema, [table], meta)
+
+
+def write_feature_batches(path: str | os.PathLike, arrow_schema: pa.Schema, batches, meta: dict) -> None:
+    """Stream record batches (or tables) into the Parquet, one row group each, so memory holds one batch
+    at a time; temp file + rename, then the JSON sidecar. The report goes into the footer."""
+    path = Path(path)
+    arrow_schema = arrow_schema.with_metadata({META_KEY: json.dumps(meta).encode()})
+
+    def write(f):
+        with pq.ParquetWriter(f, arrow_schema, compression="zstd", compression_level=1) as writer:
+            for batch in batches:
+                writer.write(batch.replace_schema_metadata(arrow_schema.metadata))
+    atomic_write(path, write)
     sidecar = json.dumps(meta, indent=1).encode() + b"\n"
     atomic_write(path.with_suffix(".json"), lambda f: f.write(sidecar))
-
-
-def read_meta(path: str | os.PathLike) -> dict:
-    """The stage metadata alone (reads the footer, not the data)."""
-    md = pq.read_schema(path).metadata or {}
-    return json.loads(md[META_KEY]) if META_KEY in md else {}
 
 
 @dataclass
