@@ -134,16 +134,17 @@ def parse(cls, raw, prefix: str | None = None):
         raise ParamError(f"{prefix}.{unknown[0]}: unknown param (known: {', '.join(fields)})")
     hints = typing.get_type_hints(cls)
     values = {}
-    for name, value in raw.items():
+    for name, written in raw.items():
         key = f"{prefix}.{name}"
-        value = _coerce(value, hints[name], key)
+        value = _coerce(written, hints[name], key)
         check = fields[name].metadata.get("check")
-        if check is not None:  # on the value, or on each item of a list or mapping
-            items = (((f"{key}[{i}]", v) for i, v in enumerate(value)) if isinstance(value, list) else
-                     ((f"{key}.{k}", v) for k, v in value.items()) if isinstance(value, dict) else [(key, value)])
-            for where, v in items:
+        if check is not None:  # on the value, or on each item of a list or mapping; shown as written
+            items = (((f"{key}[{i}]", v, v) for i, v in enumerate(value)) if isinstance(value, list) else
+                     ((f"{key}.{k}", v, v) for k, v in value.items()) if isinstance(value, dict) else
+                     [(key, value, written)])
+            for where, v, shown in items:
                 if not check.ok(v):
-                    raise ParamError(f"{where}: {_show(v)} is not allowed ({check.allowed})")
+                    raise ParamError(f"{where}: {_show(shown)} is not allowed ({check.allowed})")
         values[name] = value
     try:
         return cls(**values)

@@ -65,16 +65,16 @@ def test_model_sections_are_the_models():
 # --------------------------------------------------------------------------- params: one-line errors, exit 2
 
 BAD = [  # (section override, expected message): one per class of invalid value
-    ("features.visual.fps=0", "features.visual.fps: 0.0 is not allowed (> 0)"),
-    ("features.visual.fps=-1", "features.visual.fps: -1.0 is not allowed (> 0)"),
+    ("features.visual.fps=0", "features.visual.fps: 0 is not allowed (> 0)"),
+    ("features.visual.fps=-1", "features.visual.fps: -1 is not allowed (> 0)"),
     ("features.visual.batch_size=0", "features.visual.batch_size: 0 is not allowed (>= 1)"),
     ("features.visual.max_frames=-1", "features.visual.max_frames: -1 is not allowed (>= 0)"),
     ("features.visual.fsp=3", "features.visual.fsp: unknown param (known: encoder, pretrained, fps,"),
     ("features.text.batch_size=0", "features.text.batch_size: 0 is not allowed (>= 1)"),
-    ("features.acoustic.hop_ms=0", "features.acoustic.hop_ms: 0.0 is not allowed (> 0)"),
+    ("features.acoustic.hop_ms=0", "features.acoustic.hop_ms: 0 is not allowed (> 0)"),
     ("features.acoustic.fmax=20", "features.acoustic.fmax: 20.0 is not allowed (> fmin (60))"),
     ("model.batch_size=0", "model.batch_size: 0 is not allowed (>= 1)"),
-    ("model.lr=-1", "model.lr: -1.0 is not allowed (> 0)"),
+    ("model.lr=-1", "model.lr: -1 is not allowed (> 0)"),
     ("model.lr=abc", "model.lr: 'abc' is not a number"),
     ("model.epochs=0", "model.epochs: 0 is not allowed (>= 1)"),
     ("model.epochs=2.5", "model.epochs: 2.5 is not a whole number"),
@@ -134,7 +134,7 @@ def test_the_real_command_line_exits_2_with_one_line(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-m", "stages.visual", "features/manifest.parquet", "features/visual.parquet"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and done.stderr.strip() == "visual: features.visual.fps: 0.0 is not allowed (> 0)"
+    assert done.returncode == 2 and done.stderr.strip() == "visual: features.visual.fps: 0 is not allowed (> 0)"
 
 
 def test_predict_arguments_fail_in_one_line(tmp_path, capsys):
