@@ -193,7 +193,8 @@ def test_text_tiny_modernbert(tmp_path, tiny_bert, tiny_clip):
                        {"media": "none", "text": "this movie was really good"}])   # same transcript: one extraction
     params = make_params(tiny_bert, tiny_clip)
     meta = run_stage(text, man, params, tmp_path / "cache", tmp_path / "text.parquet")
-    assert meta["counts"] == {"segments": 3, "ok": 3, "failed": 0, "cached": 0, "extracted": 2}
+    assert meta["counts"] == {"segments": 3, "ok": 3, "failed": 0, "skipped": 0, "cached": 0, "extracted": 2,
+                              "repaired": 0}
     assert meta["dim"] == 32 and meta["encoder"]["revision"] and meta["encoder"]["id"] == str(tiny_bert)
     assert [n["id"] for n in meta["notes"]] == ["v/1"] and "truncated" in meta["notes"][0]["note"]
     assert json.loads((tmp_path / "text.json").read_text()) == meta == read_meta(tmp_path / "text.parquet")
@@ -247,7 +248,7 @@ def test_visual_tiny_open_clip(tmp_path, media, tiny_bert, tiny_clip):
     params = make_params(tiny_bert, tiny_clip)
     meta = run_stage(visual, man, params, tmp_path / "cache", tmp_path / "visual.parquet")
     assert meta["counts"]["ok"] == 3 and meta["dim"] == 16 and meta["image_size"] == 32
-    assert meta["failures"] == [{"id": "v/3", "reason": "no media (transcript-only segment)"}]
+    assert meta["failures"] == [{"id": "v/3", "reason": "no media (transcript-only segment)", "skipped": True}]
     # flat grey frames: no face anywhere, recorded per clip and per frame
     assert {n["id"] for n in meta["notes"]} == {"v/0", "v/1", "v/2"}
     assert all("no face" in n["note"] for n in meta["notes"])
@@ -410,7 +411,7 @@ def test_transcript_only_stages_write_empty_tables(tmp_path, tiny_bert, tiny_cli
     done = subprocess.run([sys.executable, "-m", "stages.visual", "features/manifest.parquet", "features/visual.parquet"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert "visual: 0/2 segments" in done.stdout
+    assert done.stdout.startswith("visual: skipped: no media") and "failed" not in done.stdout
     monkeypatch.chdir(tmp_path)
     assert stage_main("acoustic", acoustic, ["features/manifest.parquet", "features/acoustic.parquet"]) == 0
     assert stage_main("text", text, ["features/manifest.parquet", "features/text.parquet"]) == 0
@@ -420,7 +421,8 @@ def test_transcript_only_stages_write_empty_tables(tmp_path, tiny_bert, tiny_cli
         if stage == "text":
             assert len(table) == 2 and meta["counts"]["ok"] == 2
         else:
-            assert len(table) == 0 and meta["note"].startswith("no media") and meta["counts"]["failed"] == 2
+            assert len(table) == 0 and meta["note"].startswith("no media") and meta["counts"]["skipped"] == 2
+            assert meta["counts"]["failed"] == 0
             assert {f["reason"] for f in meta["failures"]} == {"no media (transcript-only segment)"}
     assert (tmp_path / "cache" / "text").is_dir()   # cache.dir from params.yaml
 

@@ -36,11 +36,11 @@ class TextParams:
 
 def columns(dtype: str) -> dict:
     return {
-        "n_tokens": (pa.int32(), "scalar"),
-        "token_ids": (pa.int32(), "list"),
-        "hidden": (pa.from_numpy_dtype(np.dtype(dtype)), "list"),
-        "pooled_mean": (pa.float32(), "list"),
-        "truncated": (pa.bool_(), "scalar"),
+        "n_tokens": (pa.int32(), ()),
+        "token_ids": (pa.int32(), ("n",)),
+        "hidden": (pa.from_numpy_dtype(np.dtype(dtype)), ("n", "dim")),
+        "pooled_mean": (pa.float32(), ("dim",)),
+        "truncated": (pa.bool_(), ()),
     }
 
 
@@ -73,7 +73,9 @@ def _dim(spec) -> int:
 def tokenize(tokenizer, texts: list[str], max_length: int, lowercase: bool) -> tuple[list[list[int]], list[int]]:
     """Token ids cut to max_length (special tokens kept) and each transcript's full length."""
     texts = [t.lower() if lowercase else t for t in texts]
-    full = tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
+    # verbose=False: the full-length pass only measures (the cut is recorded per segment), so
+    # transformers' "will result in indexing errors" warning about it would be untrue here
+    full = tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
     cut = tokenizer(texts, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
     return cut, [len(ids) for ids in full]
 
