@@ -230,7 +230,7 @@ def _report(stage: str, plan: Plan, meta: dict, rows: Rows, extracted: set, repa
         "failures": rows.failures,
         "notes": rows.notes,
         # entries that failed a check: moved aside and extracted again (cache.py)
-        "repaired": [{"id": first_id.get(key), "reason": reason} for key, reason in repaired.items()],
+        "repaired": [{"id": first_id.get(key), "key": key, "reason": reason} for key, reason in repaired.items()],
         # units re-run after their worker process died (compute.py): none lost, listed here
         "retries": [{"id": first_id.get(r["key"]), **r} for r in retries],
         "wall_s": round(time.perf_counter() - t0, 3),
