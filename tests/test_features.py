@@ -466,3 +466,46 @@ def test_real_clips_through_all_stages(tmp_path, real_clips, tiny_bert, tiny_cli
         assert abs(ac.get(id_, "n_frames") - duration * 100) < 10
     f0 = ac.columns["feats"].values.reshape(-1, ac_meta["dim"])[:, ac_meta["feature_names"].index("f0_hz")]
     assert 80 < np.median(f0[f0 > 0]) < 400   # human speech
+
+
+# --------------------------------------------------------------------------- logs
+
+@pytest.mark.parametrize("stage", ["text", "visual", "acoustic"])
+def test_piped_progress_is_plain_lines(tmp_path, media, tiny_bert, tiny_clip, monkeypatch, capsys, stage):
+    """stderr is not a terminal here (as under CI or `| tee`): progress lines, no carriage returns."""
+    import re
+
+    import yaml
+
+    from pipeline import progress
+    from pipeline.features.runner import stage_main
+
+    (tmp_path / "features").mkdir()
+    manifest_of([{"path": media["short"], "text": "this movie was really good"},
+                 {"path": media["long"], "text": "i did not like it"},
+                 {"path": media["other"], "text": "the plot was bad"}]).to_parquet(tmp_path / "features" / "manifest.parquet")
+    params = make_params(tiny_bert, tiny_clip, features__text__batch_size=1, features__visual__batch_size=1)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({**params, "cache": {"dir": str(tmp_path / "cache")}}))
+    monkeypatch.setattr(progress, "EVERY_S", 0.0)  # a line per update instead of one per ~10 s
+    monkeypatch.chdir(tmp_path)
+    module = {"text": text, "visual": visual, "acoustic": acoustic}[stage]
+    assert stage_main(stage, module, ["features/manifest.parquet", f"features/{stage}.parquet"]) == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith(f"{stage}")]
+    assert "\r" not in err and len(lines) == 3, err
+    assert all(re.fullmatch(rf"{stage}( \(yin\))?: [123]/3 (seg|clip)s, [\d.]+ (seg|clip)s/s, ETA \d+s", line)
+               for line in lines), lines
+
+
+def test_the_too_long_warning_is_silenced_where_truncation_is_recorded(tiny_bert, caplog):
+    from transformers import AutoTokenizer
+
+    long = "the acting was great but the plot was bad and i did not like it at all"
+    plain = AutoTokenizer.from_pretrained(tiny_bert, model_max_length=8)
+    plain([long])  # transformers warns about this once per tokenizer
+    assert "indexing errors" in caplog.text
+    caplog.clear()
+    ours = AutoTokenizer.from_pretrained(tiny_bert, model_max_length=8)
+    ids, full_lengths = text.tokenize(ours, [long], max_length=8, lowercase=False)
+    assert len(ids[0]) == 8 < full_lengths[0]  # cut, and the cut is known (the stage records it per segment)
+    assert "indexing errors" not in caplog.text
