@@ -66,6 +66,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from .cache import DISK_FULL, STALE_S, file_mode, owner, owner_gone
+from .errors import UserError
 from .params import Check, matches, one_of, param, section
 
 ALLOWED_FAILURES = 3  # local re-runs of a unit whose worker died (Dask's allowed-failures default)
@@ -315,7 +316,12 @@ def _dask_map(fn: Callable, items: Sequence, compute: Compute, marker_dir: str):
                                dashboard_address=None)
         client = Client(cluster)
     else:
-        client = Client(compute.scheduler)
+        try:
+            client = Client(compute.scheduler)
+        except (OSError, TypeError) as err:  # refused, timed out; TypeError: tls:// with no TLS settings
+            hint = "; tls:// needs Dask's TLS settings (README: Scaling out)" if compute.scheduler.startswith("tls") else ""
+            raise UserError(f"compute.scheduler {compute.scheduler}: cannot connect ({type(err).__name__}: "
+                            f"{(str(err).splitlines() or [''])[0][:160]}){hint}") from None
     try:
         window = 2 * max(1, sum(client.nthreads().values()))  # bounded in flight, like pre_dispatch
         pending = iter(range(len(items)))

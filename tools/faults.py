@@ -159,7 +159,7 @@ def _forkserver():
     global _FORKSERVER
     if _FORKSERVER is None:
         _FORKSERVER = multiprocessing.get_context("forkserver")
-        _FORKSERVER.set_forkserver_preload(["pipeline", "torch", "transformers", "open_clip", "librosa", "tools.faults",
+        _FORKSERVER.set_forkserver_preload(["pipeline", "torch", "transformers", "open_clip", "librosa",
                                             *(f"pipeline.features.{s}" for s in STAGES)])
     return _FORKSERVER
 
