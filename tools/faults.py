@@ -460,8 +460,11 @@ def run_all(project: Path, stages, kills: int, disk_full: int, seed: int, dask: 
     for stage in stages:
         t0 = time.perf_counter()
         want, events = reference(project, stage)
-        try_kills(project, stage, want, kill_points(events.count, kills, rng), ids, tally)
-        try_disk_full(project, stage, want, ids, full_disk_points(events.fsyncs, disk_full, rng), tally)
+        points, writes = kill_points(events.count, kills, rng), full_disk_points(events.fsyncs, disk_full, rng)
+        print(f"faults: {stage}: kill -9 after disk events {points} of {events.count}; ENOSPC from writes {writes} "
+              f"of {events.fsyncs}", flush=True)
+        try_kills(project, stage, want, points, ids, tally)
+        try_disk_full(project, stage, want, ids, writes, tally)
         if stage == "acoustic" and dask:
             try_dead_worker(project, want, ids, tally)
         try_damage(project, stage, want, ids, tally)
