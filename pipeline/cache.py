@@ -1,27 +1,41 @@
 """Content-addressed per-clip feature cache, shared by the three feature stages.
 
 One entry per (clip content, encoder, result-changing params): an .npz of the
-clip's arrays plus a JSON `meta` (ok or the failure reason, notes). Keys are
-hashes, so
+clip's arrays plus a JSON `meta` (ok or the failure reason, notes, and the
+entry's sha256 and array shapes). Keys are hashes, so
 
   * a stage killed halfway (Ctrl-C, kill -9, out of memory) resumes where it
     stopped: every finished clip is already on disk;
   * adding 10 clips to a large corpus extracts those 10 only;
-  * local workers and (later) Dask workers on other machines can all write into
-    one shared directory without coordination: the same key always holds the
-    same result, and every write is temp file + os.replace, so a reader sees a
-    whole entry or none.
+  * stage processes, local workers and Dask workers on other machines can all
+    write into one shared directory: the same key always holds the same result,
+    every write is temp file + os.replace (a reader sees a whole entry or none),
+    and a stage claims the clips it is about to extract (`Claims`, lock files)
+    so that concurrent stages extract each clip once.
+
+Nothing read back is trusted: `get` checks the arrays against the entry's
+checksum and recorded shapes and raises DamagedEntry (a flipped bit, a file cut
+short by a bad copy, a hand-made file); the runner moves such an entry aside
+(`<stage>/.damaged/`, safe to delete), extracts the clip again and lists it in
+its report. Files are created as the umask allows (group-readable by default),
+so a cache shared between users works. Temp files, locks and attempt folders
+name their owner (pid@host); those whose owner is gone are swept at the next
+start.
 
 The cache lives outside the DVC outputs (params `cache.dir`, env MSA_CACHE_DIR)
 and is safe to delete at any time.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
+import socket
 import tempfile
-import zipfile
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,13 +72,52 @@ def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+# OSErrors that are the disk's, not the clip's: the stage stops with one line (runner.stage_main)
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+HEARTBEAT_S = 30.0     # a stage refreshes the lock files of the clips it is extracting this often, so
+LOCK_STALE_S = 120.0   # a lock untouched this long is abandoned (its holder died or hangs);
+STALE_S = 3600.0       # a temp file or attempt folder of another host untouched this long, likewise
+
+
+def owner() -> str:
+    """pid@host of this process: put into temp file names, lock files and attempt folders."""
+    return f"{os.getpid()}@{socket.gethostname()}"
+
+
+def owner_gone(who: str, mtime: float, max_age: float) -> bool:
+    """Whether the owner (pid@host) of a file touched at `mtime` is gone: a dead process on this
+    host, or (another host, no owner recorded, or a pid that may have been reused) untouched for max_age s."""
+    pid, _, host = who.partition("@")
+    if host == socket.gethostname() and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, another user's
+            pass
+    return time.time() - mtime > max_age
+
+
+def file_mode(folder: bool = False) -> int:
+    """0o666 (folders 0o777) less the umask: what open() and mkdir() give, and mkstemp/mkdtemp (0600) do not."""
+    try:
+        with open("/proc/self/status") as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):  # no /proc: read it by setting it (not thread-safe)
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return (0o777 if folder else 0o666) & ~umask
+
+
 def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call write(file_object) on a temp file beside `path`, then rename it into place."""
+    """Call write(file_object) on a temp file beside `path` (named after its owner, so a later run can
+    sweep it if this process dies), then rename it into place with the umask's permissions."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{owner()}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), file_mode())
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -77,9 +130,43 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         raise
 
 
+# .<target>.<pid@host>.<random>.tmp, as atomic_write and Claims name them (older: .<target>.<random>.tmp)
+_TEMP = re.compile(r"\.(?P<target>.+)\.(?P<owner>\d+@.+)\.\w+\.tmp")
+
+
+def sweep_temp_files(folder: str | os.PathLike, recursive: bool = False) -> int:
+    """Remove the temp files in `folder` whose writer is gone (a kill -9 mid-write); returns how many."""
+    folder, removed = Path(folder), 0
+    if not folder.is_dir():
+        return 0
+    for tmp in folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp"):
+        match = _TEMP.fullmatch(tmp.name)
+        try:
+            if owner_gone(match["owner"] if match else "", tmp.stat().st_mtime, STALE_S):
+                tmp.unlink()
+                removed += 1
+        except FileNotFoundError:  # swept by another process
+            pass
+    return removed
+
+
+def checksum(arrays: dict[str, np.ndarray]) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of an entry's arrays."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.asarray(arrays[name])
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+class DamagedEntry(Exception):
+    """A cache entry that exists but cannot be trusted; the message says why."""
+
+
 @dataclass
 class Entry:
-    meta: dict                                   # {"ok": bool, "reason": str, ...}
+    meta: dict                                   # {"ok": bool, "reason": str, "sha256", "shapes", ...}
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
@@ -87,8 +174,12 @@ class Entry:
         return bool(self.meta.get("ok"))
 
 
+def _why(err: Exception) -> str:
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".rstrip(": ")
+
+
 class FeatureCache:
-    """<root>/<stage>/<key[:2]>/<key>.npz"""
+    """<root>/<stage>/<key[:2]>/<key>.npz (+ <key>.lock while a stage extracts it)"""
 
     def __init__(self, root: str | os.PathLike, stage: str):
         self.dir = Path(root) / stage
@@ -96,39 +187,138 @@ class FeatureCache:
     def path(self, key: str) -> Path:
         return self.dir / key[:2] / f"{key}.npz"
 
-    def __contains__(self, key: str) -> bool:
-        """A readable entry exists (opening reads only the zip directory at the file's end,
-        so a file cut short by a crash or a bad copy counts as missing and is recomputed)."""
-        try:
-            with np.load(self.path(key), allow_pickle=False) as z:
-                return "__meta__" in z.files
-        except (FileNotFoundError, OSError, ValueError, zipfile.BadZipFile, EOFError):
-            return False
+    def has(self, key: str) -> bool:
+        """An entry file exists (whether it can be trusted is checked when it is read)."""
+        return self.path(key).exists()
 
-    def get(self, key: str) -> Entry | None:
-        """The entry, or None when absent or unreadable (an unreadable entry is a miss)."""
+    def _read(self, key: str, arrays: bool) -> tuple[dict, dict] | None:
         try:
             with np.load(self.path(key), allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
-        except (FileNotFoundError, OSError, ValueError, zipfile.BadZipFile, EOFError):
+                data = {k: z[k] for k in z.files} if arrays else {"__meta__": z["__meta__"]}
+            meta = json.loads(str(data.pop("__meta__")))
+        except FileNotFoundError:
             return None
-        meta = json.loads(str(arrays.pop("__meta__")))
-        return Entry(meta, arrays)
+        except Exception as err:  # noqa: BLE001 - whatever stops the read (bad zip, CRC, JSON, not an npz)
+            raise DamagedEntry(f"{'unreadable' if arrays else 'metadata unreadable'} ({_why(err)})") from None
+        if not isinstance(meta, dict) or "sha256" not in meta or not isinstance(meta.get("shapes"), dict):
+            raise DamagedEntry("no checksum (not written by this cache)")
+        return meta, data
 
     def meta(self, key: str) -> dict | None:
-        """The entry's metadata alone (its arrays are not read), or None when absent or unreadable."""
-        try:
-            with np.load(self.path(key), allow_pickle=False) as z:
-                return json.loads(str(z["__meta__"]))
-        except (FileNotFoundError, OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
+        """The entry's metadata alone (its arrays are not read); None when there is no entry.
+        Raises DamagedEntry when the metadata cannot be read or carries no checksum."""
+        found = self._read(key, arrays=False)
+        return found[0] if found else None
+
+    def get(self, key: str) -> Entry | None:
+        """The entry, its arrays checked against the recorded shapes and checksum; None when there is
+        no entry. Raises DamagedEntry when it cannot be read or fails a check."""
+        found = self._read(key, arrays=True)
+        if found is None:
             return None
+        meta, arrays = found
+        shapes = {k: list(v.shape) for k, v in arrays.items()}
+        if shapes != meta["shapes"]:
+            raise DamagedEntry(f"arrays {shapes} differ from the recorded shapes {meta['shapes']}")
+        if checksum(arrays) != meta["sha256"]:
+            raise DamagedEntry("checksum mismatch")
+        return Entry(meta, arrays)
 
     def put(self, key: str, arrays: dict[str, np.ndarray], **meta) -> None:
         meta.setdefault("ok", True)
-        payload = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+        payload = {k: np.asarray(v) for k, v in arrays.items()}
+        meta.update(shapes={k: list(v.shape) for k, v in payload.items()}, sha256=checksum(payload))
         payload["__meta__"] = np.array(json.dumps(meta))
         atomic_write(self.path(key), lambda f: np.savez(f, **payload))
 
     def put_failure(self, key: str, reason: str) -> None:
         """Record a clip whose input is bad (deterministic), so re-runs do not retry it."""
         self.put(key, {}, ok=False, reason=reason)
+
+    def move_aside(self, key: str) -> Path:
+        """Move a damaged entry into <stage>/.damaged/ (kept for a look; safe to delete)."""
+        dest = self.dir / ".damaged" / f"{key}.npz"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(self.path(key), dest)
+        except FileNotFoundError:  # another process moved or replaced it first
+            pass
+        return dest
+
+    def sweep(self) -> None:
+        """Remove temp files and lock files left by processes that are gone."""
+        sweep_temp_files(self.dir, recursive=True)
+        for lock in self.dir.glob("*/*.lock") if self.dir.is_dir() else []:
+            Claims.remove_if_stale(lock)
+
+
+class Claims:
+    """Lock files saying "this process is extracting that clip": <key>.lock next to the entry, holding pid@host.
+
+    `take(key)` wins the lock, or breaks it when stale (its holder is a dead process on this host, or has
+    not refreshed it for LOCK_STALE_S: a thread touches every held lock each HEARTBEAT_S, so a busy holder
+    on another machine is never taken for dead). A lock is made complete, then hard-linked into place, so
+    it is never seen empty. Two processes breaking one stale lock at the same moment may both extract that
+    clip: the same result, written atomically; only the work is doubled.
+    """
+
+    def __init__(self, cache: FeatureCache):
+        self.cache, self.held = cache, set()
+        self._stop = threading.Event()
+        self._beat = threading.Thread(target=self._heartbeat, name="cache-claims", daemon=True)
+
+    def lock(self, key: str) -> Path:
+        return self.cache.path(key).with_suffix(".lock")
+
+    def take(self, key: str) -> bool:
+        lock = self.lock(key)
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        mine = lock.with_name(f".{lock.name}.{owner()}.link.tmp")
+        mine.write_text(owner())
+        try:
+            for _ in range(2):
+                try:
+                    os.link(mine, lock)
+                except FileExistsError:
+                    if not self.remove_if_stale(lock):
+                        return False
+                    continue
+                self.held.add(key)
+                return True
+            return False
+        finally:
+            mine.unlink(missing_ok=True)
+
+    @staticmethod
+    def remove_if_stale(lock: Path) -> bool:
+        """Remove a lock whose holder is gone; True when it is gone now."""
+        try:
+            if not owner_gone(lock.read_text().strip(), lock.stat().st_mtime, LOCK_STALE_S):
+                return False
+            lock.unlink()
+        except FileNotFoundError:
+            pass
+        return True
+
+    def release(self, keys) -> None:
+        for key in list(keys):
+            if key in self.held:
+                self.lock(key).unlink(missing_ok=True)
+                self.held.discard(key)
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            for key in list(self.held):
+                try:
+                    os.utime(self.lock(key))
+                except FileNotFoundError:
+                    pass
+
+    def __enter__(self) -> Claims:
+        self._beat.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._beat.join()
+        self.release(self.held)

@@ -44,6 +44,11 @@ removes it when the unit returns, so a marker found by a later attempt means an
 earlier attempt's process died. Inside `retry_log(folder)` (the feature runner
 puts the folder in the cache, which Dask workers share) every such unit is
 appended to the log, and the stage writes the log into its report as "retries".
+A map's marker folder is named after the stage process (map-<pid@host>-...): it is
+removed when the map ends, and a folder left by a killed stage is swept by the
+next `retry_log` (cache.owner_gone).
+
+A full disk (ENOSPC, EDQUOT) is not a unit's failure: it stops the map, and the stage.
 """
 from __future__ import annotations
 
@@ -60,6 +65,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from .cache import DISK_FULL, STALE_S, file_mode, owner, owner_gone
+from .errors import UserError
 from .params import Check, matches, one_of, param, section
 
 ALLOWED_FAILURES = 3  # local re-runs of a unit whose worker died (Dask's allowed-failures default)
@@ -95,13 +102,33 @@ _RETRY_LOG: contextvars.ContextVar[tuple[Path, list] | None] = contextvars.Conte
 def retry_log(scratch_dir: str | os.PathLike) -> Iterator[list[dict]]:
     """Within the block, parallel_map keeps its attempt markers under scratch_dir (Dask workers
     must see it: use the shared cache) and appends one dict per unit re-run after its worker
-    died to the yielded list: {"key" (the unit's "key", else its index), "deaths", "reason"}."""
+    died to the yielded list: {"key" (the unit's "key", else its index), "deaths", "reason"}.
+    Marker folders of stage processes that are gone are swept on entry; this process's own (and
+    scratch_dir, if that leaves it empty) on exit."""
     retries: list[dict] = []
+    _sweep_attempts(Path(scratch_dir))
     token = _RETRY_LOG.set((Path(scratch_dir), retries))
     try:
         yield retries
     finally:
         _RETRY_LOG.reset(token)
+        _sweep_attempts(Path(scratch_dir), own=True)
+
+
+def _sweep_attempts(scratch: Path, own: bool = False) -> None:
+    """Remove map-<pid@host>-* folders whose stage process is gone (with own: this process's too)."""
+    for folder in scratch.glob("map-*") if scratch.is_dir() else []:
+        who = folder.name[4:].rsplit("-", 1)[0] if "@" in folder.name else ""  # older folders: no owner
+        try:
+            if (own and who == owner()) or owner_gone(who, folder.stat().st_mtime, STALE_S):
+                shutil.rmtree(folder, ignore_errors=True)
+        except FileNotFoundError:
+            pass
+    if own:
+        try:
+            scratch.rmdir()  # only when empty: another stage may be using it
+        except OSError:
+            pass
 
 
 def _read_marker(marker: Path) -> tuple[int, str] | None:
@@ -143,6 +170,8 @@ def _call(fn: Callable, index: int, item: Any, marker_dir: str | None = None) ->
     except MediaError as err:
         return index, None, str(err), True
     except Exception as err:  # noqa: BLE001 - any per-clip error is recorded, never fatal
+        if isinstance(err, OSError) and err.errno in DISK_FULL:
+            raise  # the disk's failure, not the clip's: every later unit would fail alike
         tb = traceback.extract_tb(err.__traceback__)
         where = f" at {tb[-1].filename.rsplit('/', 1)[-1]}:{tb[-1].lineno}" if tb else ""
         return index, None, f"{type(err).__name__}: {err}{where}", False
@@ -166,7 +195,8 @@ def parallel_map(fn: Callable, items: Sequence, compute: Compute | None = None) 
     scratch, retries = _RETRY_LOG.get() or (Path(tempfile.gettempdir()) / "msa-attempts", [])
     scratch = scratch.absolute()  # workers may run in another directory (or on another machine)
     scratch.mkdir(parents=True, exist_ok=True)
-    marker_dir = tempfile.mkdtemp(prefix="map-", dir=scratch)  # one folder per map: indices are its names
+    marker_dir = tempfile.mkdtemp(prefix=f"map-{owner()}-", dir=scratch)  # one folder per map: indices are its names
+    os.chmod(marker_dir, file_mode(folder=True))  # mkdtemp makes 0700: workers may run as other users
     try:
         backend_map = _dask_map if compute.backend == "dask" else _local_map
         for index, result, error, bad_input in backend_map(fn, items, compute, marker_dir):
@@ -286,7 +316,12 @@ def _dask_map(fn: Callable, items: Sequence, compute: Compute, marker_dir: str):
                                dashboard_address=None)
         client = Client(cluster)
     else:
-        client = Client(compute.scheduler)
+        try:
+            client = Client(compute.scheduler)
+        except (OSError, TypeError) as err:  # refused, timed out; TypeError: tls:// with no TLS settings
+            hint = "; tls:// needs Dask's TLS settings (README: Scaling out)" if compute.scheduler.startswith("tls") else ""
+            raise UserError(f"compute.scheduler {compute.scheduler}: cannot connect ({type(err).__name__}: "
+                            f"{(str(err).splitlines() or [''])[0][:160]}){hint}") from None
     try:
         window = 2 * max(1, sum(client.nthreads().values()))  # bounded in flight, like pre_dispatch
         pending = iter(range(len(items)))
@@ -322,6 +357,8 @@ def _dask_map(fn: Callable, items: Sequence, compute: Compute, marker_dir: str):
                                 f"times; Dask allowed-failures {err.allowed_failures}); not cached: the next run tries "
                                 f"again", False)
             except Exception as err:  # noqa: BLE001 - e.g. the scheduler went away: this unit fails, not the map
+                if isinstance(err, OSError) and err.errno in DISK_FULL:
+                    raise
                 message = (str(err).strip().splitlines() or [""])[0]
                 out = (i, None, f"{type(err).__name__}: {message}", False)
             future.release()

@@ -170,9 +170,15 @@ def _hub_snapshot(repo: str, name: str) -> str:
 
 def load_text_encoder(spec: EncoderSpec, device):
     """(tokenizer, model) in eval mode on `device`, SDPA attention where the model supports it."""
+    import sys
+
     from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     import torch
+
+    if not sys.stderr.isatty():  # piped logs: no "Loading weights" bar redrawn with \r
+        hf_logging.disable_progress_bar()
 
     tokenizer = AutoTokenizer.from_pretrained(spec.source)
     if spec.options.get("random"):

@@ -51,7 +51,9 @@ def _one_row_manifest(clip: Path | None, text: str, workdir: Path):
         os.symlink(clip.resolve(), corpus / "Raw" / "clip" / f"1{clip.suffix.lower()}")
     with open(corpus / "label.csv", "w", newline="", encoding="utf-8") as f:
         csv.writer(f).writerows([["video_id", "clip_id", "text", "label", "mode"], ["clip", "1", text, "0", "test"]])
-    manifest, rejects = build_manifest({"root": str(corpus), "require_audio": False}, progress=False)
+    # the clip is linked from wherever the user keeps it: outside this one-clip corpus by design
+    manifest, rejects = build_manifest({"root": str(corpus), "require_audio": False, "follow_links": True},
+                                       progress=False)
     if len(rejects):
         kind = "audio file" if clip is not None and clip.suffix.lower() in AUDIO_EXTS else "input"
         raise PredictError(f"cannot use this {kind}: {rejects['reason'].iloc[0]}")

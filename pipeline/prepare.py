@@ -5,7 +5,8 @@
     <root>/Raw/<video_id>/<clip_id>.wav   optional separate audio (.wav/.flac), used instead of the clip's track
     <root>/Raw/<video_id>/<clip_id>.jpg   image + text datasets (Memotion): one still per row, no audio
 
-A corpus without a `Raw/` folder is transcript-only: every row is text alone. A row with only an
+Media is looked up inside the root: a link (or a linked folder) that resolves outside
+it is rejected with its reason unless `data.follow_links` is true. A corpus without a `Raw/` folder is transcript-only: every row is text alone. A row with only an
 audio file (or a container with an audio stream and no video) is an audio + text segment.
 
 Every label row and every media file ends up in exactly one of two places:
@@ -15,6 +16,7 @@ headers only; the audio track is decoded (no video decode) to catch silence.
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import math
@@ -25,16 +27,18 @@ from pathlib import Path
 import av
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
-
 from .cache import file_sha256, make_key
 from .errors import UserError
 from .media import AUDIO_EXTS, IMAGE_EXTS, VIDEO_EXTS, MediaError, NoVideoStream, probe_audio, probe_image, probe_video
 from .params import fail, one_of, param, parse, section
+from .progress import progress as progress_bar
 
 REQUIRED_COLUMNS = ("video_id", "clip_id", "text", "label", "mode")
 SPLIT_ALIASES = {"train": "train", "valid": "valid", "val": "valid", "validation": "valid", "dev": "valid", "test": "test"}
 SILENCE_PEAK = 1e-4  # peak |amplitude| below which an audio track counts as silent
+# byte-order marks of the encodings a label file may come in besides UTF-8 (UTF-32's first: it starts like UTF-16's)
+BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+        (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
 
 MANIFEST_COLUMNS = {  # name -> dtype; the contract the feature stages read
     "id": "str", "video_id": "str", "clip_id": "str", "split": "str",
@@ -56,6 +60,7 @@ class DataParams:
     classes: list[str] = param(["negative", "neutral", "positive"], doc="class names when task is classification")
     strict: bool = param(False, doc="true: any rejected segment fails the stage")
     require_audio: bool = param(True, doc="false: keep clips with no or silent audio (acoustic masked)")
+    follow_links: bool = param(False, doc="true: accept media links (or linked folders) resolving outside root")
 
     def __post_init__(self):
         if self.task == "classification" and len(self.classes) < 2:
@@ -88,11 +93,10 @@ def audio_peak(path: str | Path) -> float:
 
 
 def read_label_rows(label_path: Path) -> list[dict]:
-    """label.csv rows as dicts (with their 1-based file line); bytes that are not UTF-8 are
-    kept as surrogates so the row is rejected on its own instead of failing the whole file."""
+    """label.csv rows as dicts (with their 1-based file line)."""
     if not label_path.is_file():
         raise PrepareError(f"label file not found: {label_path}")
-    text = label_path.read_bytes().decode("utf-8", errors="surrogateescape").lstrip("\ufeff")
+    text = _decode_labels(label_path, label_path.read_bytes())
     reader = csv.DictReader(io.StringIO(text, newline=""))
     missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
     if missing:
@@ -102,6 +106,22 @@ def read_label_rows(label_path: Path) -> list[dict]:
         row["_line"] = reader.line_num
         rows.append(row)
     return rows
+
+
+def _decode_labels(label_path: Path, data: bytes) -> str:
+    """UTF-8 (with or without a BOM), or UTF-16/32 with a BOM. Bytes that are not UTF-8 are kept as
+    surrogates, so their row is rejected on its own instead of failing the whole file."""
+    for bom, codec in BOMS:
+        if data.startswith(bom):
+            try:
+                return data.decode(codec)  # the codec drops the BOM
+            except UnicodeDecodeError as err:
+                raise PrepareError(f"{label_path}: starts with a {codec.upper()} byte-order mark but is not valid "
+                                   f"{codec.upper()} ({err.reason} at byte {err.start}); save it as UTF-8") from None
+    if b"\x00" in data[:4096]:
+        raise PrepareError(f"{label_path}: holds NUL bytes, as UTF-16 or UTF-32 without a byte-order mark would; "
+                           f"save it as UTF-8 (or UTF-16 with a BOM)")
+    return data.decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
 
 
 def _is_utf8(s: str) -> bool:
@@ -226,6 +246,10 @@ def _candidate(row: dict, raw_dir: Path | None, data: DataParams, seen: dict[str
         return reject(f"unknown split {split_raw!r} (expected train, valid or test)")
     if raw_dir and media_path is None and audio_path is None:
         return reject("missing media file", path=raw_dir / video_id / f"{clip_id}.mp4")
+    for found in (media_path, audio_path):
+        if found is not None and not data.follow_links and not found.resolve().is_relative_to(raw_dir.parent.resolve()):
+            return reject(f"link resolves outside data.root (to {found.resolve()}); set data.follow_links: true "
+                          f"to accept it", path=found)
     if media_path is None:
         media = "audio" if audio_path else "none"
     else:
@@ -254,12 +278,14 @@ def _probe_all(candidates: list[dict], require_audio: bool, workers: int, progre
             return candidate, str(err)
 
     rejects = []
+    bar = progress_bar(total=len(with_media), desc="prepare: probe", enabled=progress and bool(with_media))
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = pool.map(probe, with_media)
-        for c, reason in tqdm(results, total=len(with_media), desc="prepare: probe", disable=not progress or not with_media):
+        for c, reason in pool.map(probe, with_media):
+            bar.update(1)
             if reason:
                 rejects.append({"id": c["id"], "video_id": c["video_id"], "clip_id": c["clip_id"], "line": c["_line"],
                                 "path": c["video_path"] or c["image_path"] or c["audio_path"], "reason": reason})
+    bar.close()
     return rejects
 
 

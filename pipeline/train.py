@@ -40,8 +40,9 @@ from .models import build_model, modalities_read
 from .models.blocks import task_loss
 from .params import DEVICE, Check, as_dict, between, fail, ge, gt, param, parse, section
 
-# `python` or `torchrun` with plain flags: never a shell snippet (dvc.yaml runs this string)
-_LAUNCH = re.compile(r"(python3?|torchrun(\s+--[a-z][a-z0-9_-]*(=[\w.:/-]+|\s+[\w.:/-]+)?)*)")
+# `python` or `torchrun` with plain flags: never a shell snippet (dvc.yaml runs this string; spaces
+# only between the words, since a newline would start a second command)
+_LAUNCH = re.compile(r"(python3?|torchrun( +--[a-z][a-z0-9_-]*(=[\w.:/-]+| +[\w.:/-]+)?)*)")
 
 
 @section("model")

@@ -8,6 +8,7 @@ rejects CSV with its reason; `data.strict: true` makes any reject fail the stage
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -19,6 +20,8 @@ from pipeline.prepare import DataParams, build_manifest, summary
 
 
 def main(manifest_path: str, rejects_path: str) -> int:
+    for stale in (manifest_path, rejects_path):  # a failed run must not leave the last run's lists looking current
+        Path(stale).unlink(missing_ok=True)
     data = params.read(params.load(), DataParams)
     manifest, rejects = build_manifest(data)
     table = pa.Table.from_pandas(manifest, preserve_index=False)

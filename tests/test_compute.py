@@ -20,7 +20,7 @@ from pipeline.compute import ALLOWED_FAILURES, Compute, parallel_map
 from pipeline.features.table import read_feature_table
 from pipeline.features.runner import Extracted, Plan, run_stage
 
-COLUMNS = {"n_frames": (pa.int32(), "scalar"), "feats": (pa.float32(), "list")}
+COLUMNS = {"n_frames": (pa.int32(), ()), "feats": (pa.float32(), ("n", "dim"))}
 
 
 def toy_unit(unit: dict) -> dict:

@@ -120,6 +120,18 @@ def test_a_bad_value_ends_the_stage_with_one_line(tmp_path, monkeypatch, capsys,
     assert len(err) == 1 and err[0].startswith(f"{stage}: {message}"), err
 
 
+def test_launch_is_python_or_torchrun_with_flags_only():
+    from pipeline.train import TrainParams
+
+    for good in ("python", "python3", "torchrun --nproc_per_node 4",
+                 "torchrun --nproc_per_node=4 --nnodes 2 --rdzv_endpoint head:29500"):
+        assert params.parse(TrainParams, {"launch": good}, "model").launch == good
+    for bad in ("torchrun --nproc_per_node 2 && curl x", "bash -c python", "python $(id)", "python -c 'import os'",
+                "torchrun --nproc_per_node\nsh", "torchrun --nproc_per_node 2 `id`"):  # a newline: a second command
+        with pytest.raises(ParamError, match="model.launch: .* is not allowed"):
+            params.parse(TrainParams, {"launch": bad}, "model")
+
+
 def test_a_missing_upstream_output_names_the_stage_to_run(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(_project(tmp_path))
     for stage, upstream in (("visual", "prepare"), ("assemble", "prepare"), ("train", "assemble")):

@@ -193,7 +193,8 @@ def test_text_tiny_modernbert(tmp_path, tiny_bert, tiny_clip):
                        {"media": "none", "text": "this movie was really good"}])   # same transcript: one extraction
     params = make_params(tiny_bert, tiny_clip)
     meta = run_stage(text, man, params, tmp_path / "cache", tmp_path / "text.parquet")
-    assert meta["counts"] == {"segments": 3, "ok": 3, "failed": 0, "cached": 0, "extracted": 2}
+    assert meta["counts"] == {"segments": 3, "ok": 3, "failed": 0, "skipped": 0, "cached": 0, "extracted": 2,
+                              "repaired": 0}
     assert meta["dim"] == 32 and meta["encoder"]["revision"] and meta["encoder"]["id"] == str(tiny_bert)
     assert [n["id"] for n in meta["notes"]] == ["v/1"] and "truncated" in meta["notes"][0]["note"]
     assert json.loads((tmp_path / "text.json").read_text()) == meta == read_meta(tmp_path / "text.parquet")
@@ -247,7 +248,7 @@ def test_visual_tiny_open_clip(tmp_path, media, tiny_bert, tiny_clip):
     params = make_params(tiny_bert, tiny_clip)
     meta = run_stage(visual, man, params, tmp_path / "cache", tmp_path / "visual.parquet")
     assert meta["counts"]["ok"] == 3 and meta["dim"] == 16 and meta["image_size"] == 32
-    assert meta["failures"] == [{"id": "v/3", "reason": "no media (transcript-only segment)"}]
+    assert meta["failures"] == [{"id": "v/3", "reason": "no media (transcript-only segment)", "skipped": True}]
     # flat grey frames: no face anywhere, recorded per clip and per frame
     assert {n["id"] for n in meta["notes"]} == {"v/0", "v/1", "v/2"}
     assert all("no face" in n["note"] for n in meta["notes"])
@@ -410,7 +411,7 @@ def test_transcript_only_stages_write_empty_tables(tmp_path, tiny_bert, tiny_cli
     done = subprocess.run([sys.executable, "-m", "stages.visual", "features/manifest.parquet", "features/visual.parquet"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert "visual: 0/2 segments" in done.stdout
+    assert done.stdout.startswith("visual: skipped: no media") and "failed" not in done.stdout
     monkeypatch.chdir(tmp_path)
     assert stage_main("acoustic", acoustic, ["features/manifest.parquet", "features/acoustic.parquet"]) == 0
     assert stage_main("text", text, ["features/manifest.parquet", "features/text.parquet"]) == 0
@@ -420,7 +421,8 @@ def test_transcript_only_stages_write_empty_tables(tmp_path, tiny_bert, tiny_cli
         if stage == "text":
             assert len(table) == 2 and meta["counts"]["ok"] == 2
         else:
-            assert len(table) == 0 and meta["note"].startswith("no media") and meta["counts"]["failed"] == 2
+            assert len(table) == 0 and meta["note"].startswith("no media") and meta["counts"]["skipped"] == 2
+            assert meta["counts"]["failed"] == 0
             assert {f["reason"] for f in meta["failures"]} == {"no media (transcript-only segment)"}
     assert (tmp_path / "cache" / "text").is_dir()   # cache.dir from params.yaml
 
@@ -464,3 +466,63 @@ def test_real_clips_through_all_stages(tmp_path, real_clips, tiny_bert, tiny_cli
         assert abs(ac.get(id_, "n_frames") - duration * 100) < 10
     f0 = ac.columns["feats"].values.reshape(-1, ac_meta["dim"])[:, ac_meta["feature_names"].index("f0_hz")]
     assert 80 < np.median(f0[f0 > 0]) < 400   # human speech
+
+
+# --------------------------------------------------------------------------- logs
+
+@pytest.mark.parametrize("stage", ["text", "visual", "acoustic"])
+def test_piped_progress_is_plain_lines(tmp_path, media, tiny_bert, tiny_clip, monkeypatch, capsys, stage):
+    """stderr is not a terminal here (as under CI or `| tee`): progress lines, no carriage returns."""
+    import re
+
+    import yaml
+
+    from pipeline import progress
+    from pipeline.features.runner import stage_main
+
+    (tmp_path / "features").mkdir()
+    manifest_of([{"path": media["short"], "text": "this movie was really good"},
+                 {"path": media["long"], "text": "i did not like it"},
+                 {"path": media["other"], "text": "the plot was bad"}]).to_parquet(tmp_path / "features" / "manifest.parquet")
+    params = make_params(tiny_bert, tiny_clip, features__text__batch_size=1, features__visual__batch_size=1)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({**params, "cache": {"dir": str(tmp_path / "cache")}}))
+    monkeypatch.setattr(progress, "EVERY_S", 0.0)  # a line per update instead of one per ~10 s
+    monkeypatch.chdir(tmp_path)
+    module = {"text": text, "visual": visual, "acoustic": acoustic}[stage]
+    assert stage_main(stage, module, ["features/manifest.parquet", f"features/{stage}.parquet"]) == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith(f"{stage}")]
+    assert "\r" not in err and len(lines) == 3, err
+    assert all(re.fullmatch(rf"{stage}( \(yin\))?: [123]/3 (seg|clip)s, [\d.]+ (seg|clip)s/s, ETA \d+s", line)
+               for line in lines), lines
+
+
+def test_the_too_long_warning_is_silenced_where_truncation_is_recorded(tiny_bert, caplog):
+    from transformers import AutoTokenizer
+
+    long = "the acting was great but the plot was bad and i did not like it at all"
+    plain = AutoTokenizer.from_pretrained(tiny_bert, model_max_length=8)
+    plain([long])  # transformers warns about this once per tokenizer
+    assert "indexing errors" in caplog.text
+    caplog.clear()
+    ours = AutoTokenizer.from_pretrained(tiny_bert, model_max_length=8)
+    ids, full_lengths = text.tokenize(ours, [long], max_length=8, lowercase=False)
+    assert len(ids[0]) == 8 < full_lengths[0]  # cut, and the cut is known (the stage records it per segment)
+    assert "indexing errors" not in caplog.text
+
+
+def test_text_resumed_stores_exactly_what_an_uninterrupted_run_stores(tmp_path, tiny_bert, tiny_clip):
+    """MiniLM on CPU rounds differently with a batch's shape: segments re-extracted after a crash (or a repair)
+    must still be encoded with the companions an uninterrupted run gives them."""
+    texts = pd.read_csv(REPO / "raw" / "demo" / "label.csv")["text"].astype(str).tolist()[:12]
+    man = manifest_of([{"media": "none", "text": t} for t in texts])
+    params = make_params(tiny_bert, tiny_clip, features__text__encoder="minilm", features__text__batch_size=8)
+    run_stage(text, man, params, tmp_path / "cache", tmp_path / "ref.parquet")
+    entries = sorted((tmp_path / "cache" / "text").glob("*/*.npz"))
+    for entry in entries[::6]:  # lost in a crash: one in each batch, or two in one
+        entry.unlink()
+    resumed = run_stage(text, man, params, tmp_path / "cache", tmp_path / "resumed.parquet")
+    assert resumed["counts"]["extracted"] == len(entries[::6]) == 2
+    ref, got = (read_feature_table(tmp_path / f"{n}.parquet")[0] for n in ("ref", "resumed"))
+    assert np.array_equal(ref.columns["hidden"].values, got.columns["hidden"].values)
+    assert np.array_equal(ref.columns["pooled_mean"].values, got.columns["pooled_mean"].values)

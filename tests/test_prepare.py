@@ -212,3 +212,55 @@ def test_stage_writes_outputs_and_strict_fails(tmp_path):
     assert list(manifest["id"]) == ["v/a"] and list(rejects["reason"]) == ["missing media file"]
     result = _run_stage(tmp_path, strict=True)
     assert result.returncode != 0 and "missing media file" in result.stderr
+
+
+def test_a_failed_run_leaves_no_stale_lists(tmp_path, monkeypatch, capsys):
+    from pipeline.errors import guarded
+    from stages.prepare import main
+
+    (tmp_path / "features").mkdir()
+    for name in ("manifest.parquet", "rejects.csv"):
+        (tmp_path / "features" / name).write_text("from an earlier run")
+    (tmp_path / "params.yaml").write_text("data:\n  root: nowhere\n")
+    monkeypatch.chdir(tmp_path)
+    assert guarded("prepare", main, "features/manifest.parquet", "features/rejects.csv") == 2
+    assert "label file not found" in capsys.readouterr().err
+    assert list((tmp_path / "features").iterdir()) == []
+
+
+def test_links_out_of_the_root_are_rejected_unless_followed(tmp_path):
+    outside, root = tmp_path / "elsewhere", tmp_path / "corpus"
+    make_clip(outside / "v2" / "2.mp4")
+    make_clip(outside / "loose.mp4", seconds=1.5)
+    make_clip(root / "Raw" / "v1" / "1.mp4")
+    (root / "Raw" / "v1" / "3.mp4").symlink_to(root / "Raw" / "v1" / "1.mp4")  # a link inside the root: fine
+    (root / "Raw" / "v1" / "4.mp4").symlink_to(outside / "loose.mp4")           # a file outside
+    (root / "Raw" / "v2").symlink_to(outside / "v2", target_is_directory=True)  # a folder outside
+    write_labels(root, [row("v1", "1"), row("v1", "3"), row("v1", "4"), row("v2", "2")])
+    manifest, rejects = build_manifest({"root": str(root)}, progress=False)
+    assert list(manifest["id"]) == ["v1/1", "v1/3"]
+    reasons = dict(zip(rejects["id"], rejects["reason"]))
+    assert sorted(reasons) == ["v1/4", "v2/2"], reasons
+    assert all(r.startswith("link resolves outside data.root") and "follow_links" in r for r in reasons.values())
+    manifest, rejects = build_manifest({"root": str(root), "follow_links": True}, progress=False)
+    assert list(manifest["id"]) == ["v1/1", "v1/3", "v1/4", "v2/2"] and len(rejects) == 0
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "utf-16-be", "utf-32"])
+def test_label_files_with_a_byte_order_mark_are_read(tmp_path, encoding):
+    if encoding == "utf-16-be":  # Python writes no BOM for an explicit byte order: add one
+        write_labels(tmp_path, [row(text="ça va très bien")], encoding="utf-16-be")
+        data = (tmp_path / "label.csv").read_bytes()
+        (tmp_path / "label.csv").write_bytes(b"\xfe\xff" + data)
+    else:
+        write_labels(tmp_path, [row(text="ça va très bien")], encoding=encoding)
+    manifest, rejects = build_manifest({"root": str(tmp_path)}, progress=False)
+    assert manifest["text"].tolist() == ["ça va très bien"] and len(rejects) == 0
+
+
+def test_utf16_without_a_byte_order_mark_is_named(tmp_path):
+    from pipeline.prepare import PrepareError
+
+    write_labels(tmp_path, [row()], encoding="utf-16-le")
+    with pytest.raises(PrepareError, match="UTF-16 or UTF-32 without a byte-order mark"):
+        build_manifest({"root": str(tmp_path)}, progress=False)

@@ -30,7 +30,7 @@ from .runner import Extracted, Plan, progress, row_str, run_stage
 
 VERSION = 1
 PARALLEL = True  # clips run on `compute` (params section compute)
-COLUMNS = {"n_frames": (pa.int32(), "scalar"), "feats": (pa.float32(), "list")}
+COLUMNS = {"n_frames": (pa.int32(), ()), "feats": (pa.float32(), ("n", "dim"))}
 N_MELS = 40
 
 

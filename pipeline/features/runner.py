@@ -1,30 +1,46 @@
 """The life of a feature stage, shared by text, visual and acoustic.
 
   1. plan     each manifest row -> a cache key (content hash + encoder + the params
-              that change the result), or a reason it has nothing to extract;
-  2. extract  the stage computes the keys missing from the cache (cache misses
-              only, each distinct key once) and writes every result, or its
-              bad-input failure, into the cache as soon as it is done;
-  3. write     the Parquet is streamed from the cache in manifest order, a row group of a
-              few hundred segments at a time (memory stays flat in corpus size), and
-              renamed into place with its metadata.
+              that change the result), or a reason it has nothing to extract (no
+              media of this stage's kind: `skipped`);
+  2. extract  the keys without a cache entry, each distinct key once, each claimed
+              first (cache.Claims: a concurrent stage on the same cache extracts the
+              others and this one waits for them); every result, or its bad-input
+              failure, goes into the cache as soon as it is done;
+  3. check    pass 1, entries' metadata only: the recorded shapes must fit the
+              stage's columns and width;
+  4. write    pass 2: the Parquet is streamed from the cache in manifest order, a row
+              group of a few hundred segments at a time (memory stays flat in corpus
+              size), every entry checked against its checksum; renamed into place
+              with its metadata.
 
-So a killed stage resumes at step 2 where it stopped, and a grown corpus only
-extracts what is new. Failures are per segment: rows without a result are listed
-with their reason in the metadata, never silently dropped.
+A damaged entry found in 3 or 4 is moved aside and its clip extracted again (the
+report lists it under `repaired`). A killed stage resumes at step 2 where it stopped
+(its temp files, locks and attempt folders are swept at the next start), and a grown
+corpus only extracts what is new. Every segment ends up a row, or in `failures` with
+its reason (`skipped: true` when it has no media for this stage); a segment with
+neither ends the stage with an error, never with a silently missing row.
 """
 from __future__ import annotations
 
+import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
 
-from ..cache import FeatureCache
+from ..cache import Claims, DamagedEntry, FeatureCache, sweep_temp_files
 from ..compute import retry_log
+from ..errors import UserError
+from ..progress import progress  # noqa: F401 - the stages' progress bars come from here
 from .table import list_array, write_feature_batches
+
+MAX_ROUNDS = 3   # extract -> check -> write, again while damaged entries turn up
+POLL_S = 1.0     # how often a stage looks at clips another process is extracting
 
 
 @dataclass
@@ -44,77 +60,211 @@ class Extracted:
     media_s: float = 0.0                                      # seconds of media processed
     extra: dict = field(default_factory=dict)                 # stage-specific timing
 
+    def add(self, other: Extracted) -> None:
+        self.errors.update(other.errors)
+        self.clips, self.frames, self.media_s = self.clips + other.clips, self.frames + other.frames, \
+            self.media_s + other.media_s
+        self.extra = {**self.extra, **other.extra}
 
-# column name -> (arrow value type, "list" | "scalar"); cache entries use the same names
-Columns = dict[str, tuple[pa.DataType, str]]
+
+# column name -> (arrow value type, shape of the cached array): () is a scalar column; a tuple of
+# "n" (the segment's steps), "dim" (the stage's width) or sizes is a list column, stored flattened
+Columns = dict[str, tuple[pa.DataType, tuple]]
+
+
+class MissingResults(UserError):
+    """Segments with neither a result nor a recorded reason after extraction."""
+
+
+class DamagedEntries(Exception):
+    def __init__(self, entries: dict[str, str]):
+        super().__init__(f"{len(entries)} damaged cache entries")
+        self.entries = entries  # key -> why
 
 
 def run_stage(stage: str, plan: Plan, cache: FeatureCache, extract: Callable[[dict], Extracted],
               columns: Columns, meta: dict, out_path, *, dim_column: str | None = None) -> dict:
-    """Extract what the cache lacks, assemble, write out_path (+ .json). Returns the metadata.
+    """Extract what the cache lacks, check, write out_path (+ .json). Returns the report.
 
     `meta` may leave "dim" None when only extraction knows it (no encoder is loaded when
-    everything is cached); it is then read off the first result's `dim_column`.
+    everything is cached); it is then the width of `dim_column` that the entries record.
     """
     t0 = time.perf_counter()
-    todo = {key: unit for key, unit in plan.units.items() if key not in cache}
-    t1 = time.perf_counter()
-    with retry_log(cache.dir / ".attempts") as retries:  # markers in the cache: Dask workers share it
-        done = extract(todo) if todo else Extracted()
-    extract_s = time.perf_counter() - t1
+    out_path = Path(out_path)
+    sweep_temp_files(out_path.parent)  # what a killed run of any stage left beside its outputs
+    cache.sweep()
+    done, extracted, repaired, extract_s = Extracted(), set(), {}, 0.0
+    arrow_schema = pa.schema([("id", pa.string())] + [
+        (name, pa.list_(dtype) if shape else dtype) for name, (dtype, shape) in columns.items()])
+    with retry_log(cache.dir / ".attempts") as retries, Claims(cache) as claims:  # markers in the cache: Dask workers share it
+        for _ in range(MAX_ROUNDS):
+            t1 = time.perf_counter()
+            todo = {key: unit for key, unit in plan.units.items() if not cache.has(key)}
+            _extract_claimed(todo, extract, cache, claims, done, extracted)
+            extract_s += time.perf_counter() - t1
+            rows, bad = _check(plan, cache, columns, meta, dim_column, done)
+            if not bad:
+                report = _report(stage, plan, meta, rows, extracted, repaired, retries, done, extract_s, t0)
+                try:
+                    write_feature_batches(out_path, arrow_schema, _record_batches(cache, rows, columns, arrow_schema),
+                                          report)
+                    return report
+                except DamagedEntries as err:
+                    bad = err.entries
+            for key, reason in bad.items():
+                repaired[key] = f"{reason}; moved to {cache.move_aside(key).parent}, extracted again"
+    raise UserError(f"{stage}: cache entries under {cache.dir} still fail their checks after {MAX_ROUNDS} "
+                    f"rounds of re-extraction (a failing disk?): {next(iter(bad.values()))}")
 
-    ids, keys, failures, notes = [], [], [], []
-    for i, (id_, key) in enumerate(zip(plan.ids, plan.keys)):  # pass 1: entries' metadata only
+
+def _extract_claimed(todo: dict, extract: Callable[[dict], Extracted], cache: FeatureCache, claims: Claims,
+                     done: Extracted, extracted: set) -> None:
+    """Extract the clips of `todo` this process can claim, then wait for those another process claimed,
+    taking over any whose holder ends without a result or dies."""
+    waiting, told = list(todo), False
+    while waiting:
+        mine = {}
+        for key in waiting:
+            if claims.take(key):
+                if cache.has(key):  # its holder finished it just now
+                    claims.release([key])
+                else:
+                    mine[key] = todo[key]
+        if mine:
+            try:
+                done.add(extract(mine))
+            finally:
+                claims.release(mine)
+            extracted.update(mine)
+        waiting = [key for key in waiting if key not in mine and not cache.has(key)]
+        if waiting:
+            if not told:
+                print(f"{len(waiting)} clip(s) are being extracted by another process on {cache.dir}: waiting for them",
+                      file=sys.stderr, flush=True)
+                told = True
+            time.sleep(POLL_S)
+
+
+@dataclass
+class Rows:
+    ids: list[str] = field(default_factory=list)        # segments with a result, in manifest order
+    keys: list[str] = field(default_factory=list)
+    failures: list[dict] = field(default_factory=list)  # {"id", "reason"[, "skipped": True]}
+    notes: list[dict] = field(default_factory=list)
+
+
+def _check(plan: Plan, cache: FeatureCache, columns: Columns, meta: dict, dim_column: str | None,
+           done: Extracted) -> tuple[Rows, dict[str, str]]:
+    """Pass 1, entries' metadata only -> (rows to write, damaged entries: key -> why). Sets meta["dim"]."""
+    metas, bad = {}, {}
+    for key in plan.units:
+        try:
+            metas[key] = cache.meta(key)
+        except DamagedEntry as err:
+            bad[key] = str(err)
+    if meta.get("dim") is None:  # the width most entries record (a stray one is then the odd one out)
+        widths = Counter(m["shapes"][dim_column][-1] for m in metas.values()
+                         if m and m.get("ok") and dim_column and m["shapes"].get(dim_column))
+        meta["dim"] = int(widths.most_common(1)[0][0]) if widths else 0
+    for key, entry_meta in metas.items():
+        problem = entry_meta and entry_meta.get("ok") and _shape_problem(entry_meta["shapes"], columns, meta["dim"])
+        if problem:
+            bad[key] = problem
+    rows, missing = Rows(), []
+    for i, (id_, key) in enumerate(zip(plan.ids, plan.keys)):
+        entry_meta = metas.get(key) if key is not None else None
         if key is None:
-            failures.append({"id": id_, "reason": plan.skipped[i]})
+            rows.failures.append({"id": id_, "reason": plan.skipped[i], "skipped": True})
+        elif key in bad:
             continue
-        entry_meta = cache.meta(key)
-        if entry_meta is None:
-            failures.append({"id": id_, "reason": done.errors.get(key, "no result in the cache (extraction interrupted?)")})
-            continue
-        if not entry_meta.get("ok"):
-            failures.append({"id": id_, "reason": entry_meta.get("reason", "unknown")})
-            continue
-        ids.append(id_)
-        keys.append(key)
-        if entry_meta.get("note"):
-            notes.append({"id": id_, "note": entry_meta["note"]})
-    if meta.get("dim") is None:
-        meta["dim"] = int(cache.get(keys[0]).arrays[dim_column].shape[-1]) if dim_column and keys else 0
-    n_keys = len(plan.units)
-    meta = {
+        elif entry_meta is None and key in done.errors:  # transient: not cached, the next run tries again
+            rows.failures.append({"id": id_, "reason": done.errors[key]})
+        elif entry_meta is None:
+            missing.append(id_)
+        elif not entry_meta.get("ok"):
+            rows.failures.append({"id": id_, "reason": entry_meta.get("reason", "unknown")})
+        else:
+            rows.ids.append(id_)
+            rows.keys.append(key)
+            if entry_meta.get("note"):
+                rows.notes.append({"id": id_, "note": entry_meta["note"]})
+    if missing and not bad:
+        raise MissingResults(f"{len(missing)} segment(s) have no result in {cache.dir} and no recorded reason "
+                             f"(first {missing[0]}): was the cache changed by another process? Re-run the stage")
+    return rows, bad
+
+
+def _shape_problem(shapes: dict, columns: Columns, dim: int) -> str | None:
+    """Why an entry's recorded array shapes do not fit the stage's columns, or None."""
+    steps = None
+    for name, (_, want) in columns.items():
+        if name not in shapes:
+            return f"no {name} array"
+        got = tuple(shapes[name])
+        if len(got) != len(want):
+            return f"{name} has shape {got}, expected {want}"
+        for size, w in zip(got, want):
+            if w == "n" and steps is not None and size != steps:
+                return f"{name} has {size} steps, other arrays {steps}"
+            if w == "n":
+                steps = size
+            elif w == "dim" and dim and size != dim:
+                return f"{name} is {size} wide, expected {dim}"
+            elif isinstance(w, int) and size != w:
+                return f"{name} has shape {got}, expected {want}"
+    return None
+
+
+def _report(stage: str, plan: Plan, meta: dict, rows: Rows, extracted: set, repaired: dict, retries: list,
+            done: Extracted, extract_s: float, t0: float) -> dict:
+    first_id = {}
+    for id_, key in zip(plan.ids, plan.keys):
+        first_id.setdefault(key, id_)
+    skipped = sum(1 for f in rows.failures if f.get("skipped"))
+    return {
         "stage": stage,
         **meta,
-        "counts": {"segments": len(plan.ids), "ok": len(ids), "failed": len(failures),
-                   "cached": n_keys - len(todo), "extracted": len(todo)},
-        "failures": failures,
-        "notes": notes,
+        "counts": {"segments": len(plan.ids), "ok": len(rows.ids), "failed": len(rows.failures) - skipped,
+                   "skipped": skipped, "cached": len(plan.units) - len(extracted), "extracted": len(extracted),
+                   "repaired": len(repaired)},
+        "failures": rows.failures,
+        "notes": rows.notes,
+        # entries that failed a check: moved aside and extracted again (cache.py)
+        "repaired": [{"id": first_id.get(key), "key": key, "reason": reason} for key, reason in repaired.items()],
         # units re-run after their worker process died (compute.py): none lost, listed here
-        "retries": [{"id": plan.ids[plan.keys.index(r["key"])] if r["key"] in plan.units else None, **r}
-                    for r in retries],
+        "retries": [{"id": first_id.get(r["key"]), **r} for r in retries],
         "wall_s": round(time.perf_counter() - t0, 3),
         "throughput": _throughput(done, extract_s),
     }
-    arrow_schema = pa.schema([("id", pa.string())] + [
-        (name, pa.list_(dtype) if kind == "list" else dtype) for name, (dtype, kind) in columns.items()])
-    write_feature_batches(out_path, arrow_schema, _record_batches(cache, ids, keys, columns, arrow_schema), meta)
-    return meta
 
 
-def _record_batches(cache: FeatureCache, ids: list[str], keys: list[str], columns: Columns, arrow_schema,
-                    rows_per_batch: int = 256):
-    """Pass 2: the cached arrays, a few hundred segments at a time (a row group each)."""
-    for start in range(0, len(ids), rows_per_batch):
-        entries = [cache.get(key).arrays for key in keys[start:start + rows_per_batch]]
-        arrays = [pa.array(ids[start:start + rows_per_batch], pa.string())]
-        for name, (dtype, kind) in columns.items():
+def _record_batches(cache: FeatureCache, rows: Rows, columns: Columns, arrow_schema, rows_per_batch: int = 256):
+    """Pass 2: the cached arrays, a few hundred segments at a time (a row group each), each entry checked.
+    Damaged entries stop the writing (the temp file is dropped) once all of them are known."""
+    bad = {}
+    for start in range(0, len(rows.ids), rows_per_batch):
+        entries = []
+        for key in rows.keys[start:start + rows_per_batch]:
+            try:
+                entry = cache.get(key)
+                entries.append(entry.arrays if entry else None)
+                if entry is None:
+                    bad[key] = "entry vanished while the table was written"
+            except DamagedEntry as err:
+                bad[key] = str(err)
+        if bad:
+            continue
+        arrays = [pa.array(rows.ids[start:start + rows_per_batch], pa.string())]
+        for name, (dtype, shape) in columns.items():
             np_type = dtype.to_pandas_dtype()
-            if kind == "list":
+            if shape:
                 arrays.append(list_array([e[name] for e in entries], np_type))
             else:
                 arrays.append(pa.array(np.asarray([e[name] for e in entries]).reshape(-1).astype(np_type), dtype))
         yield pa.RecordBatch.from_arrays(arrays, schema=arrow_schema)
-    if not ids:
+    if bad:
+        raise DamagedEntries(bad)
+    if not rows.ids:
         yield pa.RecordBatch.from_arrays([pa.array([], f.type) for f in arrow_schema], schema=arrow_schema)
 
 
@@ -131,13 +281,6 @@ def _throughput(done: Extracted, seconds: float) -> dict:
     }
 
 
-def progress(iterable=None, total=None, desc=None, enabled=True, unit="clip"):
-    """tqdm progress bar (to stderr), silent when disabled."""
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, disable=not enabled, unit=unit, dynamic_ncols=True, leave=False)
-
-
 def row_str(value) -> str:
     """Manifest strings may arrive as None/NaN from pandas; treat those as empty."""
     if value is None or (isinstance(value, float) and np.isnan(value)):
@@ -150,12 +293,12 @@ def stage_main(stage: str, module, argv: list[str] | None = None) -> int:
 
     Reads params `features.<stage>` (the section class registered by the module), `cache`, and
     `compute` when the module runs clips in parallel (`module.PARALLEL`). Run from the repo root,
-    as DVC does. Bad params, a missing manifest or an unavailable encoder: one line, exit code 2."""
+    as DVC does. Bad params, a missing manifest, an unavailable encoder or a full disk: one line, exit
+    code 2. Progress goes to stderr: a bar on a terminal, a line every ~10 s when piped."""
     import argparse
-    import sys
 
     from .. import params
-    from ..cache import CacheParams
+    from ..cache import DISK_FULL, CacheParams
     from ..compute import Compute
     from ..errors import guarded, require
 
@@ -173,7 +316,13 @@ def stage_main(stage: str, module, argv: list[str] | None = None) -> int:
         cache_root = params.read(raw, CacheParams).root()
         require(args.manifest, "prepare")
         manifest = pd.read_parquet(args.manifest)
-        meta = module.run(manifest, cfg, cache_root, args.out, compute=compute, show_progress=sys.stderr.isatty())
+        try:
+            meta = module.run(manifest, cfg, cache_root, args.out, compute=compute, show_progress=True)
+        except OSError as err:
+            if err.errno not in DISK_FULL:
+                raise
+            raise UserError(f"{err.strerror} ({err.filename or cache_root}): free some space and re-run; the clips "
+                            f"already extracted are kept in the cache") from None
         _print_summary(stage, meta, args.out)
         return 0
 
@@ -181,15 +330,21 @@ def stage_main(stage: str, module, argv: list[str] | None = None) -> int:
 
 
 def _print_summary(stage: str, meta: dict, out) -> None:
-    from pathlib import Path
-
     c, tp = meta["counts"], meta["throughput"]
+    skipped = Counter(f["reason"] for f in meta["failures"] if f.get("skipped"))
+    if c["skipped"] == c["segments"]:  # e.g. the visual stage of a transcript-only corpus
+        reasons = "; ".join(f"{reason}: {n}" for reason, n in skipped.items())
+        print(f"{stage}: skipped: no media for this stage in {c['segments']} segments [{reasons}] -> {out} (an empty table)")
+        return
     rate = f", {tp['clips_per_s']:.2f} clips/s, {tp['media_s_per_s']:.1f} s media/s" if "clips_per_s" in tp else ""
     print(f"{stage}: {c['ok']}/{c['segments']} segments -> {out} (dim {meta['dim']}; {c['cached']} cached, "
-          f"{c['extracted']} extracted, {c['failed']} failed) in {meta['wall_s']:.1f} s{rate}")
-    for r in meta.get("retries", [])[:5]:
-        print(f"  re-run {r['id']}: {r['reason']}")
-    for f in meta["failures"][:5]:
-        print(f"  failed {f['id']}: {f['reason']}")
-    if c["failed"] > 5:
-        print(f"  ... {c['failed'] - 5} more in {Path(out).with_suffix('.json')}")
+          f"{c['extracted']} extracted, {c['failed']} failed, {c['skipped']} skipped, {c['repaired']} repaired) "
+          f"in {meta['wall_s']:.1f} s{rate}")
+    for reason, n in skipped.items():
+        print(f"  skipped {n}: {reason}")
+    for label, items in (("repaired", meta["repaired"]), ("re-run", meta["retries"]),
+                         ("failed", [f for f in meta["failures"] if not f.get("skipped")])):
+        for item in items[:5]:
+            print(f"  {label} {item['id']}: {item['reason']}")
+        if len(items) > 5:
+            print(f"  ... {len(items) - 5} more {label} in {Path(out).with_suffix('.json')}")

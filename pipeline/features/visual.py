@@ -56,10 +56,10 @@ class VisualParams:
 
 def columns(dtype: str) -> dict:
     return {
-        "n_frames": (pa.int32(), "scalar"),
-        "timestamps": (pa.float32(), "list"),
-        "face_found": (pa.bool_(), "list"),
-        "emb": (pa.from_numpy_dtype(np.dtype(dtype)), "list"),
+        "n_frames": (pa.int32(), ()),
+        "timestamps": (pa.float32(), ("n",)),
+        "face_found": (pa.bool_(), ("n",)),
+        "emb": (pa.from_numpy_dtype(np.dtype(dtype)), ("n", "dim")),
     }
 
 
