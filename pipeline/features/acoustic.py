@@ -42,6 +42,7 @@ COLUMNS = {"n_frames": (pa.int32(), "scalar"), "feats": (pa.float32(), "list")}
 N_MELS = 40
 OPENSMILE_SETS = {"egemaps": "eGeMAPSv02", "compare": "ComParE_2016"}  # extractor -> openSMILE feature set
 OPENSMILE_HOP_S = 0.010  # the frame step of both openSMILE configs
+OPENSMILE_FRAME_S = {"egemaps": 0.020, "compare": 0.060}  # the frame each config reports its descriptors on
 DELTA_WIN = 2  # ComParE's delta regression window (openSMILE cDeltaRegression deltawin)
 
 
@@ -148,17 +149,14 @@ def _smile(extractor: str):
 
 def opensmile_features(y: np.ndarray, s: dict) -> np.ndarray:
     """openSMILE low-level descriptors (+ deltas for ComParE) on the stage's hop grid."""
-    sr = s["sample_rate"]
+    sr, frame_s = s["sample_rate"], OPENSMILE_FRAME_S[s["extractor"]]
+    if len(y) < frame_s * sr:
+        raise MediaError(f"audio shorter than one openSMILE frame ({1000 * len(y) / sr:.1f} ms < {1000 * frame_s:g} ms)")
     frames = _smile(s["extractor"]).process_signal(y, sr)
-    if len(frames) == 0:
-        raise MediaError(f"audio shorter than one openSMILE frame ({1000 * len(y) / sr:.1f} ms)")
     lld = frames.to_numpy(np.float64)
     if s["extractor"] == "compare":
         lld = np.concatenate([lld, deltas(lld, DELTA_WIN)], axis=1)
-    start = frames.index.get_level_values("start").total_seconds().to_numpy()
-    end = frames.index.get_level_values("end").total_seconds().to_numpy()
-    # the last frame is cut at the end of the signal: its centre is where a full frame's would be
-    centres = start + (end[0] - start[0]) / 2
+    centres = frames.index.get_level_values("start").total_seconds().to_numpy() + frame_s / 2
     hop = int(round(sr * s["hop_ms"] / 1000))
     grid = np.arange(1 + len(y) // hop) * hop / sr   # librosa's centred frames: the same step count
     if np.isclose(s["hop_ms"] / 1000, OPENSMILE_HOP_S):   # the default: an exact shift, no blending
