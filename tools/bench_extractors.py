@@ -62,9 +62,9 @@ def faces(args) -> int:
     cv2.setNumThreads(1)
     torch.set_num_threads(1)  # one core, as in each worker of the visual stage
     options = [(d, s) for d in args.detectors for s in args.sizes]
-    groups = {p.name: [p] for p in sorted(REAL_CLIPS.glob("*.mp4"))}
+    groups = {p.name: [p] for p in sorted(Path(args.real_clips).glob("*.mp4"))}
     if not groups:
-        print(f"real clips not found at {REAL_CLIPS}: demo only")
+        print(f"real clips not found at {args.real_clips}: demo only")
     demo = sorted((Path(args.demo) / "Raw").rglob("*.mp4"))[:args.demo_clips or None]
     if demo:
         groups[f"demo ({len(demo)} clips)"] = demo
@@ -116,6 +116,8 @@ def acoustic(args) -> int:
                   f"  ({rates[name] / rates[args.extractors[0]]:.2f}x {args.extractors[0]}; "
                   f"{meta['encoder']['id']} {meta['encoder']['revision']})")
         if not args.seeds:
+            if args.json:
+                Path(args.json).write_text(json.dumps({"media_s_per_s": rates}, indent=1))
             return 0
         for module in (text, visual):   # the other modalities once, as params.yaml sets them
             name = module.__name__.rsplit(".", 1)[1]
@@ -167,6 +169,7 @@ def main(argv=None) -> int:
     f = sub.add_parser("faces", help="face-found rate and detection frames/s per detector and size")
     f.add_argument("--detectors", nargs="+", default=["haar", "mtcnn"])
     f.add_argument("--sizes", nargs="+", type=int, default=[180, 360, 720])
+    f.add_argument("--real-clips", default=str(REAL_CLIPS))
     f.add_argument("--demo", default="raw/demo")
     f.add_argument("--demo-clips", type=int, default=0, help="first N demo clips (0 = all)")
     f.add_argument("--fps", type=float, default=3.0)
