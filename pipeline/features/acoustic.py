@@ -55,7 +55,7 @@ def feature_names(n_mfcc: int) -> list[str]:
 @section("features.acoustic")
 @dataclass
 class AcousticParams:
-    extractor: str = param("librosa", one_of("librosa", "egemaps", "compare"),
+    extractor: str = param("compare", one_of("librosa", "egemaps", "compare"),
                            "librosa descriptors | openSMILE eGeMAPSv02 (25 LLDs) | ComParE_2016 (65 LLDs + deltas)")
     sample_rate: int = param(16000, ge(4000), "Hz; audio is resampled to it while decoding")
     hop_ms: float = param(10.0, gt(0), "analysis hop")
