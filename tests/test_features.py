@@ -88,8 +88,8 @@ def make_params(bert: Path, clip: Path, **over) -> dict:
                      "batch_size": 2, "device": "cpu"},
             "visual": {"encoder": str(clip), "fps": 4.0, "face_crop": True, "face_pad": 0.25, "face_smooth": 0.5,
                        "max_frames": 0, "dtype": "float16", "batch_size": 5, "device": "cpu"},
-            "acoustic": {"sample_rate": 16000, "hop_ms": 10, "win_ms": 25, "n_mfcc": 13, "f0": "yin", "fmin": 60,
-                         "fmax": 500, "pool": 1},
+            "acoustic": {"extractor": "librosa", "sample_rate": 16000, "hop_ms": 10, "win_ms": 25, "n_mfcc": 13,
+                         "f0": "yin", "fmin": 60, "fmax": 500, "pool": 1},
         },
     }
     for dotted, value in over.items():
@@ -308,7 +308,8 @@ def test_mtcnn_weights_missing_is_one_clear_error(monkeypatch):
 @pytest.fixture(scope="session")
 def librosa_warm():
     """librosa JIT-compiles its pitch trackers on first use (~30 s once per venv): pay it once."""
-    acoustic.acoustic_features(np.zeros(1600, np.float32), acoustic.settings_from(acoustic.AcousticParams()))
+    cfg = acoustic.AcousticParams(extractor="librosa")
+    acoustic.acoustic_features(np.zeros(1600, np.float32), acoustic.settings_from(cfg))
 
 
 def test_acoustic_descriptors(tmp_path, media, tiny_bert, tiny_clip, librosa_warm):
