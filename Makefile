@@ -16,6 +16,7 @@ $(BIN)/activate:
 $(VENV)/.installed: pyproject.toml | $(BIN)/activate
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e ".[test]" torch==2.13.0
+	$(BIN)/pip install --quiet --no-deps facenet-pytorch==2.6.0   # MTCNN weights only; its metadata pins an old torch
 	touch $@
 
 install: $(VENV)/.installed

@@ -2,8 +2,9 @@
 
 PyAV bundles FFmpeg's libraries, so no ffmpeg binary is needed. Probing reads
 container and stream headers only — never a full decode — so `prepare` stays
-fast on large corpora; a clip that probes fine but fails mid-decode is caught
-per clip by the feature stages.
+fast on large corpora; `scan_tracks` then reads every packet once (decoding audio
+only) to find files cut short and silent tracks; a clip that passes both but
+fails mid-decode is caught per clip by the feature stages.
 """
 from __future__ import annotations
 
@@ -117,6 +118,87 @@ def probe_audio(path: str | Path) -> AudioInfo:
         if not duration or duration <= 0:
             raise MediaError("audio has zero duration")
         return AudioInfo(float(duration), int(audio.codec_context.sample_rate or 0), _channels(audio.codec_context))
+
+
+@dataclass
+class TrackScan:
+    """One pass over a file's packets: where each stream's readable data ends, and its audio decoded."""
+    video_end: float | None     # s, end of the last readable video packet (None: no video stream)
+    video_duration: float       # s, as the header says
+    audio_end: float | None     # s, end of the last readable audio packet (None: no audio stream)
+    audio_duration: float
+    audio_samples: int          # decoded, per channel
+    audio_rate: int
+    audio_peak: float           # peak |sample|, full scale = 1
+    audio_error: str            # the first audio decode error that is not a cut ('' when none)
+
+    def truncation(self) -> str | None:
+        """'truncated media (...)' when a stream's data ends before its header says, else None."""
+        cut = [end is not None and duration > 0 and end < duration - max(TRUNCATION_SLACK_S, 0.02 * duration)
+               for end, duration in ((self.video_end, self.video_duration), (self.audio_end, self.audio_duration))]
+        if not any(cut):
+            return None
+        parts = [f"video ends at {self.video_end:.2f} s of {self.video_duration:.2f} s"] if self.video_end is not None else []
+        if self.audio_end is not None:
+            parts.append(f"audio decodes to {self.audio_samples} of {round(self.audio_duration * self.audio_rate)} samples")
+        return f"truncated media ({'; '.join(parts)})"
+
+
+TRUNCATION_SLACK_S = 0.1  # a stream ending this much (or 2%) before its header's duration was cut off
+
+
+def scan_tracks(path: str | Path, decode_audio: bool = True) -> TrackScan:
+    """Read every packet of a file once: the video is demuxed only, the audio decoded (when asked).
+
+    A file cut short (an interrupted download or copy of an mp4 whose index comes first) still
+    opens and probes fine, but its streams end early: that is told apart here from a silent
+    track and from a corrupt one, at the cost of one read of the file (as hashing it costs).
+    """
+    import numpy as np
+
+    with _open(path) as container:
+        video = container.streams.video[0] if container.streams.video else None
+        audio = container.streams.audio[0] if container.streams.audio else None
+        ends = {s.index: 0.0 for s in (video, audio) if s is not None}
+        samples, peak, error = 0, 0.0, ""
+
+        def take(frames):
+            nonlocal samples, peak
+            for frame in frames:
+                x = frame.to_ndarray()
+                if np.issubdtype(x.dtype, np.integer):
+                    x = x / np.iinfo(x.dtype).max
+                peak = max(peak, float(np.abs(x).max(initial=0.0)))
+                samples += frame.samples
+
+        try:
+            for packet in container.demux(*(s for s in (video, audio) if s is not None)):
+                if packet.size == 0 or packet.pts is None:
+                    continue
+                stream = packet.stream
+                start = stream.start_time or 0
+                ends[stream.index] = max(ends[stream.index],
+                                         float((packet.pts - start + (packet.duration or 0)) * packet.time_base))
+                if stream is audio and decode_audio and not error:
+                    try:
+                        take(packet.decode())
+                    except av.error.FFmpegError as err:
+                        error = err.__class__.__name__
+            if audio is not None and decode_audio and not error:
+                take(audio.decode(None))  # the decoder's delayed frames
+        except av.error.FFmpegError:
+            pass  # the container's data ends here: what was read is what the file holds
+
+        def duration(stream):
+            return _stream_duration(stream) or (container.duration or 0) / av.time_base
+
+        return TrackScan(
+            video_end=ends[video.index] if video is not None else None,
+            video_duration=duration(video) if video is not None else 0.0,
+            audio_end=ends[audio.index] if audio is not None else None,
+            audio_duration=duration(audio) if audio is not None else 0.0,
+            audio_samples=samples, audio_rate=int(audio.codec_context.sample_rate or 0) if audio is not None else 0,
+            audio_peak=peak, audio_error=error)
 
 
 def probe_image(path: str | Path) -> tuple[int, int]:

@@ -12,7 +12,8 @@ audio file (or a container with an audio stream and no video) is an audio + text
 Every label row and every media file ends up in exactly one of two places:
 `manifest` (usable segments) or `rejects` (one line each with a reason), so
 usable + rejected == label rows + orphan media files. Probing reads container
-headers only; the audio track is decoded (no video decode) to catch silence.
+headers, then one pass over the packets (media.scan_tracks: audio decoded, video
+demuxed only) catches files cut short and silent tracks, each with its own reason.
 """
 from __future__ import annotations
 
@@ -24,12 +25,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import av
 import numpy as np
 import pandas as pd
 from .cache import file_sha256, make_key
 from .errors import UserError
-from .media import AUDIO_EXTS, IMAGE_EXTS, VIDEO_EXTS, MediaError, NoVideoStream, probe_audio, probe_image, probe_video
+from .media import (AUDIO_EXTS, IMAGE_EXTS, VIDEO_EXTS, MediaError, NoVideoStream, TrackScan, probe_audio, probe_image,
+                    probe_video, scan_tracks)
 from .params import fail, one_of, param, parse, section
 from .progress import progress as progress_bar
 
@@ -80,16 +81,11 @@ def content_hash(*paths: str | Path) -> str:
     return file_sha256(paths[0]) if len(paths) == 1 else make_key(*(file_sha256(p) for p in paths))
 
 
-def audio_peak(path: str | Path) -> float:
-    """Peak absolute sample of the first audio stream (decodes audio only)."""
-    peak = 0.0
-    with av.open(str(path)) as container:
-        for frame in container.decode(audio=0):
-            samples = frame.to_ndarray()
-            if np.issubdtype(samples.dtype, np.integer):
-                samples = samples / np.iinfo(samples.dtype).max
-            peak = max(peak, float(np.abs(samples).max(initial=0.0)))
-    return peak
+def checked_audio(scan: TrackScan) -> float:
+    """The audio's peak, once the scan shows a track that decodes; raises MediaError with the reason."""
+    if scan.audio_error:
+        raise MediaError(f"audio track fails to decode ({scan.audio_error})")
+    return scan.audio_peak
 
 
 def read_label_rows(label_path: Path) -> list[dict]:
@@ -186,6 +182,9 @@ def _probe_row(row: dict, require_audio: bool = True) -> dict:
         row.update(media="audio", audio_path=row["video_path"], video_path="")
         return _probe_audio_only(row, require_audio)
     row.update(duration=info.duration, fps=info.fps, width=info.width, height=info.height)
+    scan = scan_tracks(row["video_path"], decode_audio=not row["audio_path"])
+    if scan.truncation():  # a file cut short: its own reason, whatever require_audio says
+        raise MediaError(scan.truncation())
     audio_source = row["audio_path"] or (row["video_path"] if info.has_audio else "")
     hashed = [row["video_path"]] + ([row["audio_path"]] if row["audio_path"] else [])
     if not audio_source:
@@ -196,12 +195,12 @@ def _probe_row(row: dict, require_audio: bool = True) -> dict:
     if row["audio_path"]:
         audio = probe_audio(row["audio_path"])
         rate, channels = audio.sample_rate, audio.channels
+        scan = scan_tracks(row["audio_path"])
+        if scan.truncation():
+            raise MediaError(scan.truncation())
     else:
         rate, channels = info.audio_sample_rate, info.audio_channels
-    try:
-        peak = audio_peak(audio_source)
-    except (av.error.FFmpegError, ValueError) as err:
-        raise MediaError(f"audio track fails to decode ({err.__class__.__name__})") from None
+    peak = checked_audio(scan)
     if peak < SILENCE_PEAK:
         if require_audio:
             raise MediaError("silent audio track")
@@ -303,11 +302,10 @@ def _orphans(raw_dir: Path, claimed: set[Path]) -> list[dict]:
 def _probe_audio_only(row: dict, require_audio: bool) -> dict:
     audio = probe_audio(row["audio_path"])
     row.update(duration=audio.duration, content_hash=content_hash(row["audio_path"]))
-    try:
-        peak = audio_peak(row["audio_path"])
-    except (av.error.FFmpegError, ValueError) as err:
-        raise MediaError(f"audio track fails to decode ({err.__class__.__name__})") from None
-    if peak < SILENCE_PEAK:
+    scan = scan_tracks(row["audio_path"])
+    if scan.truncation():
+        raise MediaError(scan.truncation())
+    if checked_audio(scan) < SILENCE_PEAK:
         if require_audio:
             raise MediaError("silent audio track")
         return row

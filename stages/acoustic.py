@@ -3,8 +3,9 @@
     python -m stages.acoustic        (what `dvc repro acoustic` runs)
 
 Reads params `features.acoustic`, `compute` (parallel clips) and `cache.dir`
-(env MSA_CACHE_DIR overrides it). Per segment: librosa frame-level descriptors
-(MFCC + deltas, f0, voicing, energy, spectral shape), names in the metadata.
+(env MSA_CACHE_DIR overrides it). Per segment: frame-level descriptors of the
+`extractor` (librosa MFCC + deltas, f0, voicing, energy, spectral shape; or
+openSMILE eGeMAPS / ComParE), names in the metadata.
 """
 import sys
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 import sys
 
-from tools import bench
+from conftest import make_clip, row, write_labels
+from tools import bench, bench_extractors
 
 
 def test_train_benchmark_times_every_model(tmp_path):
@@ -30,3 +31,21 @@ def test_rss_sampler_sees_the_whole_process_tree():
     assert done.returncode == 0
     assert 340 < peak_mb < 600, peak_mb
     assert 300 < worker_mb < 400, worker_mb
+
+
+def test_extractor_benchmarks_report_every_option(tmp_path):
+    corpus = tmp_path / "corpus"
+    for i in range(2):
+        make_clip(corpus / "Raw" / "v" / f"{i}.mp4", seconds=1.0, size=(64, 48))
+    write_labels(corpus, [row("v", str(i)) for i in range(2)])
+    out = tmp_path / "faces.json"
+    assert bench_extractors.main(["faces", "--real-clips", str(tmp_path / "none"), "--demo", str(corpus),
+                                  "--sizes", "180", "360", "--json", str(out)]) == 0
+    rates = json.loads(out.read_text())["demo (2 clips)"]
+    assert set(rates) == {"haar@180", "haar@360", "mtcnn@180", "mtcnn@360"}
+    assert all(r["n"] == 6 and r["found"] == 0.0 and r["fps"] > 0 for r in rates.values())  # flat frames: no face
+    out = tmp_path / "acoustic.json"
+    assert bench_extractors.main(["acoustic", "--corpus", str(corpus), "--extractors", "librosa", "egemaps",
+                                  "--seeds", "--cpu-clips", "2", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["media_s_per_s"]) == set(report["media_s_per_cpu_s"]) == {"librosa", "egemaps"}

@@ -88,8 +88,8 @@ def make_params(bert: Path, clip: Path, **over) -> dict:
                      "batch_size": 2, "device": "cpu"},
             "visual": {"encoder": str(clip), "fps": 4.0, "face_crop": True, "face_pad": 0.25, "face_smooth": 0.5,
                        "max_frames": 0, "dtype": "float16", "batch_size": 5, "device": "cpu"},
-            "acoustic": {"sample_rate": 16000, "hop_ms": 10, "win_ms": 25, "n_mfcc": 13, "f0": "yin", "fmin": 60,
-                         "fmax": 500, "pool": 1},
+            "acoustic": {"extractor": "librosa", "sample_rate": 16000, "hop_ms": 10, "win_ms": 25, "n_mfcc": 13,
+                         "f0": "yin", "fmin": 60, "fmax": 500, "pool": 1},
         },
     }
     for dotted, value in over.items():
@@ -284,6 +284,24 @@ def test_visual_params_rekey_and_cap_frames(tmp_path, media, tiny_bert, tiny_cli
     table, _ = read_feature_table(tmp_path / "b.parquet")
     assert table.get("v/0", "n_frames") == 3   # round(2.2 * 2) = 4 capped at 3, spread over the clip
     assert table.get("v/0", "timestamps")[-1] > 1.1
+    for key, value in (("detect_size", 180), ("face_detector", "haar")):   # who looks for faces, and how closely
+        again = run_stage(visual, man, make_params(tiny_bert, tiny_clip, **{f"features__visual__{key}": value}),
+                          tmp_path / "c", tmp_path / "c.parquet")
+        assert again["counts"]["extracted"] == 1, key
+
+
+def test_mtcnn_weights_missing_is_one_clear_error(monkeypatch):
+    import importlib.util
+
+    from pipeline.errors import UserError
+    from pipeline.features import faces
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "facenet_pytorch"
+                        else real_find_spec(name, *a))
+    monkeypatch.setattr(faces, "_MTCNN", None)
+    with pytest.raises(UserError, match=r"'mtcnn' needs the MTCNN weights of facenet-pytorch \(pip install --no-deps"):
+        faces.detect_face(np.zeros((64, 64, 3), np.uint8), "mtcnn")
 
 
 # --------------------------------------------------------------------------- acoustic
@@ -291,7 +309,8 @@ def test_visual_params_rekey_and_cap_frames(tmp_path, media, tiny_bert, tiny_cli
 @pytest.fixture(scope="session")
 def librosa_warm():
     """librosa JIT-compiles its pitch trackers on first use (~30 s once per venv): pay it once."""
-    acoustic.acoustic_features(np.zeros(1600, np.float32), acoustic.settings_from(acoustic.AcousticParams()))
+    cfg = acoustic.AcousticParams(extractor="librosa")
+    acoustic.acoustic_features(np.zeros(1600, np.float32), acoustic.settings_from(cfg))
 
 
 def test_acoustic_descriptors(tmp_path, media, tiny_bert, tiny_clip, librosa_warm):
@@ -320,6 +339,38 @@ def test_acoustic_descriptors(tmp_path, media, tiny_bert, tiny_clip, librosa_war
     assert pooled["counts"]["extracted"] == 2   # new settings: the good clip and the short one re-run
     p = read_feature_table(tmp_path / "pooled.parquet")[0].get("v/0", "feats")
     assert p.shape[0] == -(-feats.shape[0] // 5) and np.allclose(p[1], feats[5:10].mean(0), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("extractor, dim, frame_ms, f0_name, f0_of_220hz", [
+    ("egemaps", 25, 20, "F0semitoneFrom27.5Hz_sma3nz", 36.0),   # 12 * log2(220 / 27.5) semitones
+    ("compare", 130, 60, "F0final_sma", 220.0)])
+def test_acoustic_opensmile_sets_through_the_cache(tmp_path, media, tiny_bert, tiny_clip, extractor, dim, frame_ms,
+                                                   f0_name, f0_of_220hz):
+    import opensmile
+
+    man = manifest_of([{"path": media["short"]}, {"path": media["other"], "audio_path": media["blip"]}])
+    params = make_params(tiny_bert, tiny_clip, features__acoustic__extractor=extractor)
+    meta = run_stage(acoustic, man, params, tmp_path / "cache", tmp_path / "a.parquet")
+    assert meta["encoder"] == {"id": f"opensmile:{acoustic.OPENSMILE_SETS[extractor]}", "revision": opensmile.__version__}
+    assert meta["dim"] == len(meta["feature_names"]) == dim and meta["throughput"]["extractor"] == extractor
+    assert meta["failures"] == [{"id": "v/1", "reason": f"audio shorter than one openSMILE frame (10.0 ms < {frame_ms} ms)"}]
+    feats = read_feature_table(tmp_path / "a.parquet")[0].get("v/0", "feats")
+    assert feats.shape == (1 + len(read_audio(media["short"], 16000)) // 160, dim)  # librosa's step count
+    assert np.allclose(np.median(feats[20:-20, meta["feature_names"].index(f0_name)]), f0_of_220hz, rtol=0.02)
+    if extractor == "compare":   # the deltas are the regression of each descriptor over +-2 frames
+        lld = feats[:, :65]
+        assert np.allclose(feats[10:-10, 65:], acoustic.deltas(lld.astype(np.float64), 2)[10:-10], atol=1e-3)
+
+    # cached; librosa's own knobs do not re-key openSMILE; the extractor and the hop do
+    again = run_stage(acoustic, man, make_params(tiny_bert, tiny_clip, features__acoustic__extractor=extractor,
+                                                 features__acoustic__n_mfcc=20), tmp_path / "cache", tmp_path / "b.parquet")
+    assert again["counts"]["extracted"] == 0 and again["failures"] == meta["failures"]
+    hop = run_stage(acoustic, man, make_params(tiny_bert, tiny_clip, features__acoustic__extractor=extractor,
+                                               features__acoustic__hop_ms=20, features__acoustic__pool=2),
+                    tmp_path / "cache", tmp_path / "c.parquet")
+    assert hop["counts"]["extracted"] == 2
+    coarse = read_feature_table(tmp_path / "c.parquet")[0].get("v/0", "feats")
+    assert coarse.shape == (-(-(1 + len(read_audio(media["short"], 16000)) // 320) // 2), dim)
 
 
 def test_acoustic_pyin_and_backends_agree(tmp_path, media, tiny_bert, tiny_clip, librosa_warm):
@@ -526,3 +577,18 @@ def test_text_resumed_stores_exactly_what_an_uninterrupted_run_stores(tmp_path, 
     ref, got = (read_feature_table(tmp_path / f"{n}.parquet")[0] for n in ("ref", "resumed"))
     assert np.array_equal(ref.columns["hidden"].values, got.columns["hidden"].values)
     assert np.array_equal(ref.columns["pooled_mean"].values, got.columns["pooled_mean"].values)
+
+
+def test_faces_found_in_real_hd_clips(real_clips):
+    """The shipped detector at the shipped detection size, on frames sampled as the visual stage samples
+    them: a face in most frames of every real clip of 720p and above (the film scene among them)."""
+    from pipeline.features.faces import detect_face
+
+    cfg = visual.VisualParams()
+    hd = [p for p in real_clips if min(probe_video(p).width, probe_video(p).height) >= 720]
+    if not hd:
+        pytest.skip("no real clip of 720p or above in ../shared/data/real-clips")
+    for path in hd:
+        frames = [rgb for _, rgb in iter_video_frames(path, cfg.fps, cfg.max_frames, max_short=max(448, cfg.detect_size))]
+        found = [detect_face(rgb, cfg.face_detector, cfg.detect_size) is not None for rgb in frames]
+        assert np.mean(found) >= 0.8, f"{path.name}: a face in {sum(found)}/{len(found)} frames"

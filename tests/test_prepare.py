@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -191,6 +192,49 @@ def test_real_clips_probe_matches_a_full_decode(real_clips):
         assert abs(len(frames) / info.fps - info.duration) < 2.5 / info.fps, path.name
         assert audio_rates == {info.audio_sample_rate}, path.name
         assert info.audio_sample_rate in (44100, 48000)
+
+
+def _faststart_copy(src, dst):
+    """The clip remuxed (no re-encode) with its mp4 index first, as web and phone videos are written."""
+    with av.open(str(src)) as inp, av.open(str(dst), "w", options={"movflags": "faststart"}) as out:
+        streams = {s.index: out.add_stream_from_template(s) for s in (inp.streams.video[0], inp.streams.audio[0])}
+        for packet in inp.demux(*(inp.streams[i] for i in streams)):
+            if packet.dts is not None:
+                packet.stream = streams[packet.stream.index]
+                out.mux(packet)
+    return dst
+
+
+def test_truncated_real_clip_gets_its_own_reason(tmp_path, real_clips):
+    """A real clip cut at several points: its index opens, the streams end early; prepare says so
+    (with where each stream ends) instead of 'silent audio track', with or without require_audio."""
+    raw = tmp_path / "corpus" / "Raw" / "v"
+    raw.mkdir(parents=True)
+    whole = _faststart_copy(real_clips[0], raw / "whole.mp4").read_bytes()
+    cuts = (0.1, 0.33, 0.5, 0.66, 0.9)
+    for cut in cuts:
+        (raw / f"cut{int(cut * 100)}.mp4").write_bytes(whole[:int(len(whole) * cut)])
+    plain = real_clips[0].read_bytes()   # index last: a cut loses it, so the container itself fails to open
+    (raw / "noindex.mp4").write_bytes(plain[:len(plain) // 2])
+    ids = ["whole"] + [f"cut{int(c * 100)}" for c in cuts] + ["noindex"]
+    write_labels(tmp_path / "corpus", [row("v", i) for i in ids])
+    duration = probe_video(raw / "whole.mp4").duration
+    for require_audio in (True, False):
+        manifest, rejects = build_manifest({"root": str(tmp_path / "corpus"), "require_audio": require_audio},
+                                           progress=False)
+        assert list(manifest["clip_id"]) == ["whole"] and manifest["has_audio"].all()
+        reasons = dict(zip(rejects["clip_id"], rejects["reason"]))
+        assert reasons["noindex"].startswith("truncated or corrupt mp4 container")
+        ends, samples = [], []
+        for cut in cuts:
+            match = re.fullmatch(r"truncated media \(video ends at ([\d.]+) s of ([\d.]+) s; "
+                                 r"audio decodes to (\d+) of (\d+) samples\)", reasons[f"cut{int(cut * 100)}"])
+            assert match, reasons[f"cut{int(cut * 100)}"]
+            assert float(match[2]) == pytest.approx(duration, abs=0.01) and float(match[1]) < float(match[2])
+            assert int(match[3]) < int(match[4])
+            ends.append(float(match[1]))
+            samples.append(int(match[3]))
+        assert ends == sorted(ends) and samples == sorted(samples) and ends[-1] > 0.5 * duration  # follows the cut
 
 
 def _run_stage(cwd, strict):

@@ -203,7 +203,7 @@ def _ceilings(args, manifest, configs: dict, compute, workdir: Path, report: dic
         subset = manifest.head(args.pyin_clips)
         rates = {}
         for f0 in ("yin", "pyin"):
-            cfg = dataclasses.replace(configs["acoustic"], f0=f0)
+            cfg = dataclasses.replace(configs["acoustic"], extractor="librosa", f0=f0)
             meta = acoustic.run(subset, cfg, workdir / f"cache-{f0}", workdir / f"ac-{f0}.parquet", compute=compute,
                                 show_progress=False)
             rates[f0] = meta["throughput"]["media_s_per_s"]

@@ -6,9 +6,10 @@ size; the main process feeds those uint8 frames to the encoder in fixed-size
 batches across clip boundaries, so decoding and encoding overlap and the device
 always sees full batches. Image segments (Memotion-like) are one frame at t = 0.
 
-Face crop: OpenCV's bundled frontal-face Haar cascade on a small grey copy of the
-frame; the largest face, a square box padded by `face_pad` x its size, smoothed
-over the clip's frames (exponential, `face_smooth`) so the crop does not jitter.
+Face crop: a face detector (`face_detector`: OpenCV's Haar cascade or MTCNN, see
+faces.py) on a copy of the frame with a `detect_size` short side; the largest
+face, a square box padded by `face_pad` x its size, smoothed over the clip's
+frames (exponential, `face_smooth`) so the crop does not jitter.
 A frame where no face is detected is encoded as the full frame (short-side
 resize + centre crop, the encoder's usual preprocessing) and flagged in
 `face_found`; a clip with no face in any frame is kept, with a note saying so.
@@ -28,14 +29,11 @@ from ..compute import Compute, parallel_map
 from ..encoders import load_image_encoder, pick_device, resolve_image_encoder
 from ..media import iter_video_frames, read_image
 from ..params import DEVICE, as_dict, between, ge, gt, one_of, param, section
+from .faces import DETECTORS, detect_face
 from .runner import Extracted, Plan, progress, row_str, run_stage
 
 VERSION = 1
 PARALLEL = True  # clips run on `compute` (params section compute)
-# Haar settings, measured on the real clips (97% of frames with a face found) and the
-# demo's cartoon heads (70%): detection runs on a grey copy with a 180 px short side
-# (~5x faster than 448 px), a face must span 1/8 of it (talking heads, not crowds)
-DETECT_SHORT_SIDE, MIN_FACE_FRACTION, SCALE_STEP, MIN_NEIGHBOURS = 180, 8, 1.1, 4
 
 
 @section("features.visual")
@@ -45,7 +43,10 @@ class VisualParams:
                                                    "an open_clip folder, or an open_clip model name")
     pretrained: str = param("", doc="open_clip model name only: a tag (openai, ...) or a local checkpoint file")
     fps: float = param(3.0, gt(0), "frames sampled per second of video")
-    face_crop: bool = param(True, doc="crop the largest face (Haar cascade); the full frame when none is found")
+    face_crop: bool = param(True, doc="crop the largest face; the full frame when none is found")
+    face_detector: str = param("mtcnn", one_of(*DETECTORS), "mtcnn (CNN cascade, weights from facenet-pytorch) | haar "
+                                                             "(OpenCV, no extra dependency, frontal faces only)")
+    detect_size: int = param(360, ge(0), "short side of the copy the face detector sees, px (0 = as decoded)")
     face_pad: float = param(0.25, ge(0), "box padding, fraction of the face size")
     face_smooth: float = param(0.6, between(0, 1, hi_open=True), "exponential smoothing of the box over frames (0 = none)")
     max_frames: int = param(64, ge(0), "frames per clip, spread over its length (0 = no cap)")
@@ -64,38 +65,6 @@ def columns(dtype: str) -> dict:
 
 
 # --------------------------------------------------------------------------- frames -> encoder input
-
-_CASCADE = None
-
-
-def _cascade():
-    global _CASCADE
-    if _CASCADE is None:
-        import cv2
-
-        _CASCADE = cv2.CascadeClassifier(os.path.join(cv2.data.haarcascades, "haarcascade_frontalface_default.xml"))
-        if _CASCADE.empty():
-            raise RuntimeError("OpenCV's bundled Haar cascade could not be loaded")
-    return _CASCADE
-
-
-def detect_face(rgb: np.ndarray) -> tuple[float, float, float] | None:
-    """(centre x, centre y, side) of the largest detected face in full-frame pixels, or None."""
-    import cv2
-
-    h, w = rgb.shape[:2]
-    scale = min(1.0, DETECT_SHORT_SIDE / min(h, w))
-    small = cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA) \
-        if scale < 1 else rgb
-    grey = cv2.equalizeHist(cv2.cvtColor(small, cv2.COLOR_RGB2GRAY))
-    min_side = max(16, min(grey.shape) // MIN_FACE_FRACTION)
-    faces = _cascade().detectMultiScale(grey, scaleFactor=SCALE_STEP, minNeighbors=MIN_NEIGHBOURS,
-                                        minSize=(min_side, min_side))
-    if len(faces) == 0:
-        return None
-    x, y, fw, fh = max(faces, key=lambda f: f[2] * f[3])
-    return (x + fw / 2) / scale, (y + fh / 2) / scale, max(fw, fh) / scale
-
 
 def square_crop(rgb: np.ndarray, cx: float, cy: float, side: float, size: int) -> np.ndarray:
     """A side x side square around (cx, cy), moved inside the frame, resized to size x size."""
@@ -116,14 +85,14 @@ def full_frame(rgb: np.ndarray, size: int) -> np.ndarray:
     return square_crop(rgb, w / 2, h / 2, min(h, w), size)
 
 
-def frames_to_pixels(frames: list[np.ndarray], size: int, face_crop: bool, pad: float,
-                     smooth: float) -> tuple[np.ndarray, np.ndarray]:
-    """RGB frames -> (n, size, size, 3) uint8 encoder inputs and (n,) face-found flags."""
+def frames_to_pixels(frames: list[np.ndarray], size: int, s: dict) -> tuple[np.ndarray, np.ndarray]:
+    """RGB frames -> (n, size, size, 3) uint8 encoder inputs and (n,) face-found flags (s: the settings)."""
     out = np.empty((len(frames), size, size, 3), np.uint8)
     found = np.zeros(len(frames), bool)
+    pad, smooth = s["face_pad"], s["face_smooth"]
     box = None  # smoothed (cx, cy, side), carried across frames without a detection
     for i, rgb in enumerate(frames):
-        face = detect_face(rgb) if face_crop else None
+        face = detect_face(rgb, s["face_detector"], s["detect_size"]) if s["face_crop"] else None
         if face is None:
             out[i] = full_frame(rgb, size)
             continue
@@ -142,17 +111,21 @@ def decode_clip(unit: dict) -> dict:
         import cv2
 
         cv2.setNumThreads(1)
+        if s["face_crop"] and s["face_detector"] == "mtcnn":
+            import torch
+
+            torch.set_num_threads(1)
     if unit["kind"] == "image":
         times, frames = [0.0], [read_image(unit["path"])]
     else:
         times, frames = [], []
         for t, rgb in iter_video_frames(unit["path"], s["fps"], s["max_frames"], duration=unit["duration"] or None,
-                                        max_short=max(2 * unit["image_size"], 2 * DETECT_SHORT_SIDE),
+                                        max_short=max(2 * unit["image_size"], s["detect_size"]),
                                         threads=unit["threads"]):
             times.append(t)
             frames.append(rgb)
     t1 = time.perf_counter()
-    pixels, found = frames_to_pixels(frames, unit["image_size"], s["face_crop"], s["face_pad"], s["face_smooth"])
+    pixels, found = frames_to_pixels(frames, unit["image_size"], s)
     return {"pixels": pixels, "timestamps": np.asarray(times, np.float32), "face_found": found,
             "media_s": float(unit["duration"] or 0.0), "decode_s": t1 - t0, "crop_s": time.perf_counter() - t1}
 
@@ -214,7 +187,8 @@ class FrameBatcher:
 def settings_from(cfg: VisualParams) -> dict:
     """The params that change the result (they key the cache)."""
     return {"fps": cfg.fps, "max_frames": cfg.max_frames, "face_crop": cfg.face_crop, "face_pad": cfg.face_pad,
-            "face_smooth": cfg.face_smooth, "dtype": cfg.dtype}
+            "face_smooth": cfg.face_smooth, "face_detector": cfg.face_detector, "detect_size": cfg.detect_size,
+            "dtype": cfg.dtype}
 
 
 def plan_rows(manifest, prefix: tuple, settings: dict, threads: int) -> Plan:
