@@ -544,7 +544,7 @@ def test_piped_progress_is_plain_lines(tmp_path, media, tiny_bert, tiny_clip, mo
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith(f"{stage}")]
     assert "\r" not in err and len(lines) == 3, err
-    assert all(re.fullmatch(rf"{stage}( \(yin\))?: [123]/3 (seg|clip)s, [\d.]+ (seg|clip)s/s, ETA \d+s", line)
+    assert all(re.fullmatch(rf"{stage}( \((yin|librosa|egemaps|compare)\))?: [123]/3 (seg|clip)s, [\d.]+ (seg|clip)s/s, ETA \d+s", line)
                for line in lines), lines
 
 
