@@ -10,7 +10,8 @@ input by `schema.to_model_input` (train-split statistics):
     <m>_pooled.npy                (N, dim) float32, for modalities with a pooled vector
     <m>_token_ids.values/offsets  token ids, for modalities that keep them (fine-tuning)
     norm.npz                      '<key>_mean' / '<key>_std' for each key of schema.norm_keys(m)
-    meta.json                     modalities (dim, counts, encoder, params, extras), task, classes
+    meta.json                     modalities (dim, counts, encoder, params, extras), task, classes,
+                                  conventions (label range, metric family: pipeline/presets.py)
 
 Both passes over a feature table stream its row groups and the values are written into
 memory-mapped files, so memory stays flat in corpus size; loading is `np.load(mmap_mode="r")`.
@@ -31,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from . import schema
+from . import presets, schema
 from .params import fail, ge, param, section
 
 
@@ -144,6 +145,7 @@ def assemble(manifest_path: str | Path, feature_paths: dict[str, str | Path], ou
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     meta = {"task": task, "classes": manifest_meta.get("classes") if task == "classification" else None,
+            "conventions": manifest_meta.get("conventions") or presets.DEFAULT,
             "segments": len(manifest), "max_steps": dict(cfg.max_steps),
             "splits": manifest["split"].value_counts().to_dict(), "modalities": {}, "skipped": {}}
     norm = {}
@@ -219,6 +221,11 @@ class AssembledData:
             self.norm = {k: z[k] for k in z.files if k.rsplit("_", 1)[0] in keys}
         self.labels = self.index["label"].to_numpy()
         self.task = self.meta["task"]
+
+    @property
+    def conventions(self) -> dict:
+        """Label range and metric family of the corpus (pipeline/presets.py)."""
+        return self.meta.get("conventions") or presets.DEFAULT
 
     @property
     def input_dims(self) -> dict[str, int]:
