@@ -93,7 +93,8 @@ def write_table(stage: str, manifest: pd.DataFrame, manifest_meta: dict, cfg, ou
     meta = {"stage": stage, "dim": int(splits["train"].array(stage).shape[2]) if present else 0, "params": as_dict(cfg),
             "encoder": {"id": f"pickle:{layout.name}:{key}", "name": f"{key} features of {Path(source['pickle']).name}",
                         "revision": source["sha256"], "source": "pickle"},
-            "source": {"pickle": source["pickle"], "key": key, "layout": layout.name},
+            "source": {"pickle": source["pickle"], "key": key, "layout": layout.name,
+                       "token_ids": "text_bert" if m.token_ids and "text_bert" in splits["train"].values else None},
             "values_set_to_0": (source.get("values_set_to_0") or {}).get(stage, {}),
             "counts": {"segments": len(manifest), "ok": ok, "failed": len(failures), "cached": 0, "extracted": ok},
             "failures": failures, "notes": [], "retries": []}
