@@ -48,11 +48,14 @@ class AssembleParams:
                 raise fail(f"max_steps.{m}", self.max_steps[m], f"keys among the modalities {', '.join(schema.names())}")
 
 
-def _rows(path: Path, columns: list[str], batch_rows: int = 1024):
-    """(id, {column: row value}) for each row of a feature table, streamed by record batches. List columns
+def _rows(path: Path, columns: list[str]):
+    """(id, {column: row value}) for each row of a feature table, streamed a row group at a time (the
+    stages write a few hundred rows per group). Not `iter_batches`: it reads ahead, measured 1.36 GB
+    peak over a 580 MB table of token states where reading by row group peaks at 0.24 GB. List columns
     come back as flat numpy arrays, scalars as numpy scalars."""
     table = pq.ParquetFile(path)
-    for batch in table.iter_batches(batch_size=batch_rows, columns=["id", *columns]):
+    groups = (table.read_row_group(g, columns=["id", *columns]) for g in range(table.num_row_groups))
+    for batch in (b for group in groups for b in group.to_batches()):
         cols = {}
         for name in columns:
             col = batch.column(name)

@@ -67,42 +67,39 @@ class _Table:
 class PaddedRows:
     """(N, L, dim) float32 sequences of one modality for the given ids, zero-padded after the steps,
     produced a block of rows at a time (what safe_pickle.dump streams)."""
+    column = "sequence"  # the registry field naming the column read
 
     def __init__(self, path: Path, modality: schema.Modality, ids: list[str], steps: int, dim: int):
         self.path, self.m, self.ids = path, modality, ids
         self.shape, self.dtype = (len(ids), steps, dim), np.dtype(np.float32)
 
     def blocks(self):
-        table = _Table(self.path, [self.m.sequence])
-        step = safe_pickle.block_rows(self)
+        column = getattr(self.m, self.column)
+        table, step = _Table(self.path, [column]), safe_pickle.block_rows(self)
         for start in range(0, len(self.ids), step):
-            block = np.zeros((len(self.ids[start:start + step]), *self.shape[1:]), np.float32)
-            for j, id_ in enumerate(self.ids[start:start + step]):
+            ids = self.ids[start:start + step]
+            block = np.zeros((len(ids), *self.shape[1:]), self.dtype)
+            for j, id_ in enumerate(ids):
                 row = table.get(id_)
                 if row is not None:
-                    seq = row[self.m.sequence].reshape(-1, self.shape[2])
-                    block[j, :len(seq)] = seq
+                    self.fill(block[j], row[column])
             yield block
+
+    def fill(self, out: np.ndarray, values: np.ndarray) -> None:
+        steps = values.reshape(-1, self.shape[2])
+        out[:len(steps)] = steps
 
 
 class TokenRows(PaddedRows):
     """(N, 3, L) int64: token ids, attention mask, segment ids (zeros), as MMSA's text_bert."""
+    column = "token_ids"
 
     def __init__(self, path: Path, modality: schema.Modality, ids: list[str], steps: int):
         super().__init__(path, modality, ids, steps, 0)
         self.shape, self.dtype = (len(ids), 3, steps), np.dtype(np.int64)
 
-    def blocks(self):
-        table = _Table(self.path, [self.m.token_ids])
-        step = safe_pickle.block_rows(self)
-        for start in range(0, len(self.ids), step):
-            block = np.zeros((len(self.ids[start:start + step]), *self.shape[1:]), np.int64)
-            for j, id_ in enumerate(self.ids[start:start + step]):
-                row = table.get(id_)
-                if row is not None:
-                    tokens = row[self.m.token_ids]
-                    block[j, 0, :len(tokens)], block[j, 1, :len(tokens)] = tokens, 1
-            yield block
+    def fill(self, out: np.ndarray, tokens: np.ndarray) -> None:
+        out[0, :len(tokens)], out[1, :len(tokens)] = tokens, 1
 
 
 def _writes_text_bert(meta: dict) -> bool:

@@ -244,7 +244,7 @@ def read_pickle(data) -> tuple[list[dict], list[dict], dict, dict[str, str]]:
     for s, split in splits.items():
         labels, names, reasons = _labels(split, data)
         per_row = _scan_modalities(split, reasons)
-        texts = split.values.get("raw_text")
+        texts = np.asarray(split.values["raw_text"], dtype=object) if "raw_text" in split.values else None
         unimodal = {x: np.asarray(split.values[f"regression_labels_{x}"], np.float64).reshape(-1)
                     for x in UNIMODAL if f"regression_labels_{x}" in split.values}
         for i, parsed in enumerate(parse_ids(split)):

@@ -88,7 +88,8 @@ def write_table(stage: str, manifest: pd.DataFrame, manifest_meta: dict, cfg, ou
                     columns.append(list_array([token_block[j, 0][token_block[j, 1] > 0].astype(np.int32)
                                                if token_block is not None else np.zeros(0, np.int32) for j in keep], np.int32))
                 yield pa.RecordBatch.from_arrays(columns, schema=arrow_schema)
-        yield pa.RecordBatch.from_arrays([pa.array([], f.type) for f in arrow_schema], schema=arrow_schema)
+        if not present or manifest.empty:  # the table still gets its schema and report
+            yield pa.RecordBatch.from_arrays([pa.array([], f.type) for f in arrow_schema], schema=arrow_schema)
 
     meta = {"stage": stage, "dim": int(splits["train"].array(stage).shape[2]) if present else 0, "params": as_dict(cfg),
             "encoder": {"id": f"pickle:{layout.name}:{key}", "name": f"{key} features of {Path(source['pickle']).name}",
