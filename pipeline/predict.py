@@ -8,7 +8,9 @@ model reads extracts its features with the encoder and params recorded in the ch
 the feature cache), and `schema.to_model_input` applies the training set's statistics, exactly as
 `assemble` did for the training rows. An encoder that now resolves to other weights than the
 ones the model was trained on is refused. What the clip lacks (no audio, no video stream) is
-masked and the model scores it from what is present; the output says so.
+masked and the model scores it from what is present; the output says so. Scores are clipped to
+the training corpus's label range and named with its classes (`data.preset`: MOSI's 7, CH-SIMS's 5);
+a model trained on features read from a feature pickle is refused (they cannot be extracted here).
 """
 from __future__ import annotations
 

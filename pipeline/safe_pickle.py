@@ -26,6 +26,7 @@ Bottom layer: imports numpy and pipeline.errors.
 """
 from __future__ import annotations
 
+import _compat_pickle
 import builtins
 import io
 import os
@@ -151,6 +152,9 @@ class _RestrictedUnpickler(pickle._Unpickler):
         self._size = os.fstat(file.fileno()).st_size
 
     def find_class(self, module, name):
+        if self.proto < 3:  # python-2 names (__builtin__.set, ...), as the standard unpickler maps them
+            module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+            module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         target = _ALLOWED.get((module, name))
         if target is None:
             hint = " (a torch tensor: save numpy arrays instead, e.g. MMSA-FET return_type='np')" \

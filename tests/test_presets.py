@@ -98,6 +98,21 @@ def test_custom_conventions_without_the_custom_preset_are_an_error():
         parse(DataParams, {"preset": "custom", "custom": {"label_range": [1, -1]}}, "data")
 
 
+@pytest.mark.parametrize("assignment, message", [
+    ("data.preset=imdb", "data.preset: 'imdb' is not allowed (mosi | mosei | sims | custom)"),
+    ("data.format=csv", "data.format: 'csv' is not allowed (raw | mmsa)"),
+    ("data.custom.metrics=mosi7", "data.custom.metrics: 'mosi7' is not allowed (mosi | sims)")])
+def test_a_bad_data_param_ends_prepare_with_one_line(tmp_path, monkeypatch, capsys, assignment, message):
+    from test_contract import _project
+
+    from pipeline.errors import guarded
+    from stages import prepare
+
+    monkeypatch.chdir(_project(tmp_path, assignment))
+    assert guarded("prepare", prepare.main, "features/manifest.parquet", "features/rejects.csv") == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"prepare: {message}"]
+
+
 # --------------------------------------------------------------------------- training, plots, predict
 
 @pytest.fixture(scope="module")
