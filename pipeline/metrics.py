@@ -1,11 +1,23 @@
 """Evaluation metrics with the definitions of the MMSA / GCE evaluation code.
 
-Regression (MOSI convention, labels in [-3, 3]):
+Regression metrics come in two families (`data.preset` picks one, pipeline/presets.py).
+
+`mosi` (CMU-MOSI and CMU-MOSEI, labels in [-3, 3]):
     mae, corr                 mean absolute error, Pearson correlation
     acc2_has0, f1_has0        binary: label >= 0 vs < 0, zero counted as positive
     acc2_non0, f1_non0        binary: label > 0 vs < 0 on segments whose label is not 0
     acc5, acc7                predictions and labels clipped to [-2, 2] / [-3, 3], then rounded
                               (numpy's round-half-to-even, as MMSA does), exact-class accuracy
+
+`sims` (CH-SIMS, labels in [-1, 1]; MMSA's `__eval_sims_regression`): predictions and labels are
+first clipped to [-1, 1] (MAE and Corr too), then binned, a value v in class i when
+edges[i] < v <= edges[i+1]:
+    acc2, f1                  edges -1.01, 0, 1.01: 0 counts as negative
+    acc3                      edges -1.01, -0.1, 0.1, 1.01
+    acc5                      edges -1.01, -0.7, -0.1, 0.1, 0.7, 1.01
+Binning compares in float32 as MMSA does (its tensors are float32): a prediction of 0.1
+stored as float32 is neutral there, and would be positive if widened to float64 first.
+
 F1 is scikit-learn's weighted F1. Metrics undefined on the given labels (Pearson with a
 constant side, non0 metrics when every label is 0) are None, never a made-up number.
 
@@ -27,11 +39,21 @@ def _class_acc(pred: np.ndarray, true: np.ndarray, bound: float) -> float:
     return float(np.mean(np.round(np.clip(pred, -bound, bound)) == np.round(np.clip(true, -bound, bound))))
 
 
-def regression_metrics(pred, true) -> dict[str, float | None]:
-    pred = np.asarray(pred, dtype=np.float64).reshape(-1)
-    true = np.asarray(true, dtype=np.float64).reshape(-1)
+def _checked(pred, true, dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
+    pred = np.asarray(pred, dtype=dtype).reshape(-1)
+    true = np.asarray(true, dtype=dtype).reshape(-1)
     if len(pred) != len(true) or len(true) == 0:
         raise ValueError(f"need equally long, non-empty predictions and labels, got {len(pred)} and {len(true)}")
+    return pred, true
+
+
+def regression_metrics(pred, true, family: str = "mosi") -> dict[str, float | None]:
+    """The metrics of `family` ("mosi" or "sims", see the module docstring)."""
+    if family == "sims":
+        return sims_metrics(pred, true)
+    if family != "mosi":
+        raise ValueError(f"unknown metric family {family!r} (mosi | sims)")
+    pred, true = _checked(pred, true)
     out: dict[str, float | None] = {
         "mae": float(np.mean(np.abs(pred - true))),
         "corr": _pearson(pred, true),
@@ -46,6 +68,30 @@ def regression_metrics(pred, true) -> dict[str, float | None]:
         out["acc2_non0"] = out["f1_non0"] = None
     out["acc5"] = _class_acc(pred, true, 2.0)
     out["acc7"] = _class_acc(pred, true, 3.0)
+    return out
+
+
+SIMS_EDGES = {2: (-1.01, 0.0, 1.01), 3: (-1.01, -0.1, 0.1, 1.01), 5: (-1.01, -0.7, -0.1, 0.1, 0.7, 1.01)}
+
+
+def sims_bins(values, classes: int) -> np.ndarray:
+    """Class index of each value (clipped to [-1, 1]): i where edges[i] < v <= edges[i+1], in float32."""
+    values = np.clip(np.asarray(values, np.float32).reshape(-1), np.float32(-1), np.float32(1))
+    edges = np.asarray(SIMS_EDGES[classes], np.float32)
+    return np.searchsorted(edges, values, side="left") - 1  # v == edges[i] lands in class i - 1
+
+
+def sims_metrics(pred, true) -> dict[str, float | None]:
+    pred32, true32 = _checked(pred, true, np.float32)
+    clipped_pred = np.clip(pred32, -1, 1).astype(np.float64)
+    clipped_true = np.clip(true32, -1, 1).astype(np.float64)
+    out: dict[str, float | None] = {
+        "mae": float(np.mean(np.abs(clipped_pred - clipped_true))),
+        "corr": _pearson(clipped_pred, clipped_true),
+    }
+    for classes in (2, 3, 5):
+        out[f"acc{classes}"] = float(np.mean(sims_bins(pred32, classes) == sims_bins(true32, classes)))
+    out["f1"] = float(f1_score(sims_bins(true32, 2), sims_bins(pred32, 2), average="weighted", zero_division=0))
     return out
 
 
@@ -71,3 +117,16 @@ def seven_class(values) -> np.ndarray:
 
 SEVEN_CLASS_NAMES = ["strongly negative", "negative", "weakly negative", "neutral",
                      "weakly positive", "positive", "strongly positive"]
+FIVE_CLASS_NAMES = ["negative", "weakly negative", "neutral", "weakly positive", "positive"]
+
+
+def score_classes(values, family: str = "mosi") -> tuple[np.ndarray, list[str]]:
+    """Scores -> (the family's finest class of each, the class names): MOSI's 7 or CH-SIMS's 5."""
+    if family == "sims":
+        return sims_bins(values, 5), FIVE_CLASS_NAMES
+    return seven_class(values) + 3, SEVEN_CLASS_NAMES
+
+
+def is_positive(score: float, family: str = "mosi") -> bool:
+    """The family's binary reading: MOSI counts 0 as positive (has0), CH-SIMS as negative."""
+    return bool(sims_bins([score], 2)[0] == 1) if family == "sims" else score >= 0

@@ -29,11 +29,15 @@ def loss_curves(history: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def scatter(pred: np.ndarray, true: np.ndarray, path: Path, title: str) -> None:
+def scatter(pred: np.ndarray, true: np.ndarray, path: Path, title: str, label_range=(-3.0, 3.0)) -> None:
+    """Predicted vs true scores over the corpus's label range (MOSI [-3, 3], CH-SIMS [-1, 1])."""
+    lo, hi = label_range
+    margin = 0.05 * (hi - lo)
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.scatter(true, pred, s=8, alpha=0.5)
-    ax.plot([-3, 3], [-3, 3], color="grey", lw=0.8)
-    ax.set(xlim=(-3.2, 3.2), ylim=(-3.2, 3.2), xlabel="true score", ylabel="predicted score", title=title)
+    ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8)
+    ax.set(xlim=(lo - margin, hi + margin), ylim=(lo - margin, hi + margin), xlabel="true score",
+           ylabel="predicted score", title=title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -8,7 +8,9 @@ model reads extracts its features with the encoder and params recorded in the ch
 the feature cache), and `schema.to_model_input` applies the training set's statistics, exactly as
 `assemble` did for the training rows. An encoder that now resolves to other weights than the
 ones the model was trained on is refused. What the clip lacks (no audio, no video stream) is
-masked and the model scores it from what is present; the output says so.
+masked and the model scores it from what is present; the output says so. Scores are clipped to
+the training corpus's label range and named with its classes (`data.preset`: MOSI's 7, CH-SIMS's 5);
+a model trained on features read from a feature pickle is refused (they cannot be extracted here).
 """
 from __future__ import annotations
 
@@ -80,6 +82,11 @@ def model_inputs(clip: str | Path | None, text: str, ckpt: dict, cache_root=None
     if clip is not None and not clip.is_file():
         raise PredictError(f"clip not found: {clip}")
     segment, notes = {}, []
+    from_pickle = [m for m in cfg["input_dims"] if cfg["encoders"][m].get("source") == "pickle"]
+    if from_pickle:
+        raise PredictError(f"{cfg['name']} was trained on {', '.join(from_pickle)} features read from a feature pickle "
+                           f"({cfg['encoders'][from_pickle[0]]['name']}), which this pipeline cannot extract from a new clip: "
+                           f"train on features the pipeline extracts (features.text.source: encoder for text)")
     with tempfile.TemporaryDirectory() as tmp:
         manifest = _one_row_manifest(clip, text, Path(tmp))
         for m, dim in cfg["input_dims"].items():
@@ -119,7 +126,8 @@ def score(model: torch.nn.Module, ckpt: dict, segment: dict) -> torch.Tensor:
 
 def predict_clip(clip: str | Path | None, text: str, model_dir: str | Path, cache_root=None) -> dict:
     """Score one clip (or, with clip None, one transcript) -> dict with score/label, modalities used and notes."""
-    from .metrics import SEVEN_CLASS_NAMES, seven_class
+    from .metrics import is_positive, score_classes
+    from .presets import DEFAULT
     from .train import load_checkpoint
 
     model_path = Path(model_dir) / "model.pt" if Path(model_dir).is_dir() else Path(model_dir)
@@ -135,9 +143,11 @@ def predict_clip(clip: str | Path | None, text: str, model_dir: str | Path, cach
         result.update(label=cfg["classes"][int(probs.argmax())],
                       probabilities={c: round(float(p), 3) for c, p in zip(cfg["classes"], probs)})
     else:
-        score_ = float(np.clip(pred.item(), -3, 3))
-        result.update(score=score_, seven_class=SEVEN_CLASS_NAMES[int(seven_class(score_)) + 3],
-                      binary="positive" if score_ >= 0 else "negative")
+        conventions = cfg.get("conventions") or DEFAULT  # label range and class names of the training corpus
+        score_ = float(np.clip(pred.item(), *conventions["label_range"]))
+        classes, names = score_classes([score_], conventions["metrics"])
+        result.update(score=score_, score_class=names[int(classes[0])],
+                      binary="positive" if is_positive(score_, conventions["metrics"]) else "negative")
     return result
 
 
@@ -146,7 +156,7 @@ def _print(result: dict) -> None:
         print(f"note: {note}")
     source = f"[{result['model']}, from {', '.join(result['modalities'])}]"
     if "score" in result:
-        print(f"score {result['score']:+.3f}  ({result['seven_class']}; binary {result['binary']})  {source}")
+        print(f"score {result['score']:+.3f}  ({result['score_class']}; binary {result['binary']})  {source}")
     else:
         shares = ", ".join(f"{c} {p:.3f}" for c, p in result["probabilities"].items())
         print(f"label {result['label']}  ({shares})  {source}")

@@ -1,4 +1,5 @@
 """The `prepare` stage: a raw corpus in the MMSA layout -> a manifest of usable segments.
+(`data.format: mmsa` reads an MMSA feature pickle instead: pipeline/mmsa.py; `read` dispatches.)
 
     <root>/label.csv                      video_id,clip_id,text,label,mode
     <root>/Raw/<video_id>/<clip_id>.mp4   one clip per labelled segment (any of media.VIDEO_EXTS)
@@ -33,6 +34,8 @@ from .media import (AUDIO_EXTS, IMAGE_EXTS, VIDEO_EXTS, MediaError, NoVideoStrea
                     probe_video, scan_tracks)
 from .params import fail, one_of, param, parse, section
 from .progress import progress as progress_bar
+from .presets import PRESETS, CustomPreset, conventions
+from .schema import segment_id
 
 REQUIRED_COLUMNS = ("video_id", "clip_id", "text", "label", "mode")
 SPLIT_ALIASES = {"train": "train", "valid": "valid", "val": "valid", "validation": "valid", "dev": "valid", "test": "test"}
@@ -56,24 +59,28 @@ MANIFEST_COLUMNS = {  # name -> dtype; the contract the feature stages read
 @dataclass
 class DataParams:
     root: str = param("raw/demo", doc="MMSA raw layout: <root>/label.csv + <root>/Raw/<video_id>/<clip_id>.mp4")
+    format: str = param("raw", one_of("raw", "mmsa"), "raw: the layout above | mmsa: root is an MMSA or MulT/CMU feature pickle")
     label_file: str = param("label.csv", doc="columns video_id,clip_id,text,label,mode")
     task: str = param("regression", one_of("regression", "classification"))
     classes: list[str] = param(["negative", "neutral", "positive"], doc="class names when task is classification")
     strict: bool = param(False, doc="true: any rejected segment fails the stage")
     require_audio: bool = param(True, doc="false: keep clips with no or silent audio (acoustic masked)")
     follow_links: bool = param(False, doc="true: accept media links (or linked folders) resolving outside root")
+    preset: str = param("mosi", one_of(*PRESETS, "custom"), "label range, metric family, split names (pipeline/presets.py)")
+    custom: CustomPreset = param(CustomPreset(), doc="the conventions when preset is custom")
 
     def __post_init__(self):
         if self.task == "classification" and len(self.classes) < 2:
             raise fail("classes", self.classes, "at least two class names when task is classification")
+        if self.preset != "custom" and self.custom != CustomPreset():
+            raise fail("custom", self.custom.__dict__, "read only when data.preset is custom")
+
+    def conventions(self) -> dict:
+        return conventions(self.preset, self.custom)
 
 
 class PrepareError(UserError):
     """The corpus as a whole cannot be read (no label file, missing columns)."""
-
-
-def segment_id(video_id: str, clip_id: str) -> str:
-    return f"{video_id}/{clip_id}"
 
 
 def content_hash(*paths: str | Path) -> str:
@@ -128,7 +135,7 @@ def _is_utf8(s: str) -> bool:
         return False
 
 
-def _check_label(raw: str | None, task: str, classes: list[str]) -> tuple[float, str]:
+def _check_label(raw: str | None, task: str, classes: list[str], label_range=(-3.0, 3.0)) -> tuple[float, str]:
     """(label value, class name) or raises ValueError with the reject reason."""
     raw = (raw or "").strip()
     if task == "classification":
@@ -145,8 +152,9 @@ def _check_label(raw: str | None, task: str, classes: list[str]) -> tuple[float,
         raise ValueError(f"label {raw!r} is not a number") from None
     if math.isnan(value):
         raise ValueError("label is NaN")
-    if not -3.0 <= value <= 3.0:
-        raise ValueError(f"label {value:g} outside [-3, 3]")
+    lo, hi = label_range
+    if not lo <= value <= hi:
+        raise ValueError(f"label {value:g} outside [{lo:g}, {hi:g}]")
     return value, ""
 
 
@@ -236,11 +244,12 @@ def _candidate(row: dict, raw_dir: Path | None, data: DataParams, seen: dict[str
     if not text.strip():
         return reject("empty transcript")
     try:
-        label, label_name = _check_label(row.get("label"), data.task, data.classes)
+        label, label_name = _check_label(row.get("label"), data.task, data.classes, data.conventions()["label_range"])
     except ValueError as err:
         return reject(str(err))
     split_raw = (row.get("mode") or "").strip()
-    split = SPLIT_ALIASES.get(split_raw.lower())
+    names = {name.lower(): split for split, name in data.conventions()["splits"].items()}
+    split = names.get(split_raw.lower()) or SPLIT_ALIASES.get(split_raw.lower())
     if split is None:
         return reject(f"unknown split {split_raw!r} (expected train, valid or test)")
     if raw_dir and media_path is None and audio_path is None:
@@ -313,9 +322,28 @@ def _probe_audio_only(row: dict, require_audio: bool) -> dict:
     return row
 
 
-def build_manifest(data: DataParams | dict, workers: int = 8, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Read the corpus described by params' `data:` section -> (manifest, rejects)."""
+def read(data: DataParams | dict, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """The corpus of `data.format` -> (manifest, rejects, what the manifest's metadata records about it)."""
     data = parse(DataParams, data, "data")
+    if data.format == "mmsa":
+        from .mmsa import read_pickle
+
+        rows, rejects, source, columns = read_pickle(data)
+        defaults = {c: "" if t == "str" else False if t == "bool" else 0 for c, t in MANIFEST_COLUMNS.items()}
+        columns = {**MANIFEST_COLUMNS, **columns}
+        manifest = pd.DataFrame([{**defaults, **r} for r in rows], columns=list(columns)).astype(columns)
+        rejects = _rejects_frame(rejects)
+    else:
+        manifest, rejects = build_manifest(data, progress=progress)
+        source = {"format": "raw", "notes": []}
+    return manifest, rejects, {"conventions": data.conventions(), "source": source}
+
+
+def build_manifest(data: DataParams | dict, workers: int = 8, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Read the raw corpus described by params' `data:` section -> (manifest, rejects)."""
+    data = parse(DataParams, data, "data")
+    if data.format != "raw":
+        raise PrepareError(f"data.format is {data.format}: read it with prepare.read")
     root = Path(data.root)
     raw_dir = root / "Raw" if (root / "Raw").is_dir() else None  # no Raw/: transcript-only
     rows = read_label_rows(root / data.label_file)
@@ -328,9 +356,13 @@ def build_manifest(data: DataParams | dict, workers: int = 8, progress: bool = T
     bad = {r["id"] for r in media_rejects}
     manifest = pd.DataFrame([c for c in candidates if c["id"] not in bad], columns=list(MANIFEST_COLUMNS) + ["_line"])
     manifest = manifest.sort_values("_line").drop(columns="_line").reset_index(drop=True).astype(MANIFEST_COLUMNS)
-    rejects_df = pd.DataFrame(rejects, columns=["id", "video_id", "clip_id", "line", "path", "reason"])
-    rejects_df["line"] = rejects_df["line"].astype("Int64")
-    return manifest, rejects_df
+    return manifest, _rejects_frame(rejects)
+
+
+def _rejects_frame(rejects: list[dict]) -> pd.DataFrame:
+    frame = pd.DataFrame(rejects, columns=["id", "video_id", "clip_id", "line", "path", "reason"])
+    frame["line"] = frame["line"].astype("Int64")
+    return frame
 
 
 def summary(manifest: pd.DataFrame, rejects: pd.DataFrame) -> str:

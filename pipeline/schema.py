@@ -75,6 +75,11 @@ class Modality:
         return keys
 
 
+def segment_id(video_id: str, clip_id: str) -> str:
+    """The `id` that joins the manifest and every feature table."""
+    return f"{video_id}/{clip_id}"
+
+
 REGISTRY: dict[str, Modality] = {}
 
 

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from . import plots, schema
 from .dataset import AssembledData
-from .metrics import SEVEN_CLASS_NAMES, classification_metrics, regression_metrics, seven_class
+from .metrics import classification_metrics, regression_metrics, score_classes
 from .models import build_model, modalities_read
 from .models.blocks import task_loss
 from .params import DEVICE, Check, as_dict, between, fail, ge, gt, param, parse, section
@@ -334,7 +334,7 @@ def evaluate(run: Run) -> tuple[dict, dict[str, np.ndarray]]:
         if run.data.task == "classification":
             metrics, _ = classification_metrics(pred, labels, run.num_classes)
         else:
-            metrics = regression_metrics(pred, labels)
+            metrics = regression_metrics(pred, labels, run.data.conventions["metrics"])
         result[split] = {k: (None if v is None else round(v, 6)) for k, v in metrics.items()}
     return result, preds
 
@@ -376,10 +376,12 @@ def write_outputs(run: Run, out_dir: Path, history: list[dict], result: dict, te
         probs = torch.softmax(torch.from_numpy(test_pred).float(), -1).numpy()
         table = {"id": ids, "label": [names[int(v)] for v in labels], "pred": [names[int(i)] for i in test_pred.argmax(1)]}
         table.update({f"p_{c}": probs[:, i].round(4) for i, c in enumerate(names)})
-    else:
-        names = SEVEN_CLASS_NAMES
-        _, matrix = classification_metrics(seven_class(test_pred) + 3, seven_class(labels) + 3, 7)
-        plots.scatter(test_pred, labels, plot_dir / "scatter.png", f"{run.name}: test MAE {result['test']['mae']:.3f}")
+    else:  # the corpus's finest score classes (MOSI: 7, CH-SIMS: 5) and its label range
+        family, label_range = run.data.conventions["metrics"], run.data.conventions["label_range"]
+        (pred_classes, names), (true_classes, _) = score_classes(test_pred, family), score_classes(labels, family)
+        _, matrix = classification_metrics(pred_classes, true_classes, len(names))
+        plots.scatter(test_pred, labels, plot_dir / "scatter.png", f"{run.name}: test MAE {result['test']['mae']:.3f}",
+                      label_range)
         table = {"id": ids, "label": labels, "pred": test_pred}
     plots.confusion(matrix, names, plot_dir / "confusion.png", f"{run.name}: test")
     pd.DataFrame(table).to_csv(plot_dir / "test_predictions.csv", index=False)
@@ -399,7 +401,7 @@ def checkpoint(run: Run, epoch: int) -> dict:
                    "text_finetune": run.cfg.text_finetune, "text_encoder": run.text_encoder,
                    "feature_params": {m: data.meta["modalities"][m]["params"] for m in data.modalities},
                    "encoders": {m: data.meta["modalities"][m]["encoder"] for m in data.modalities},
-                   "max_steps": data.meta.get("max_steps", {}),
+                   "max_steps": data.meta.get("max_steps", {}), "conventions": data.conventions,
                    "epoch": epoch},
         "norm": {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in data.norm.items()},
     }

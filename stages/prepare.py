@@ -16,21 +16,23 @@ import pyarrow.parquet as pq
 from pipeline import params
 from pipeline.cache import atomic_write
 from pipeline.errors import UserError, guarded
-from pipeline.prepare import DataParams, build_manifest, summary
+from pipeline.prepare import DataParams, read, summary
 
 
 def main(manifest_path: str, rejects_path: str) -> int:
     for stale in (manifest_path, rejects_path):  # a failed run must not leave the last run's lists looking current
         Path(stale).unlink(missing_ok=True)
     data = params.read(params.load(), DataParams)
-    manifest, rejects = build_manifest(data)
+    manifest, rejects, source = read(data)
     table = pa.Table.from_pandas(manifest, preserve_index=False)
     meta = {"root": data.root, "task": data.task, "classes": data.classes if data.task == "classification" else None,
-            "usable": len(manifest), "rejected": len(rejects)}
+            "usable": len(manifest), "rejected": len(rejects), **source}
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"pipeline": json.dumps(meta).encode()})
     atomic_write(manifest_path, lambda f: pq.write_table(table, f))
     atomic_write(rejects_path, lambda f: f.write(rejects.to_csv(index=False).encode()))
     print(summary(manifest, rejects))
+    for note in source["source"]["notes"]:
+        print(note)
     if data.strict and len(rejects):
         first = rejects.iloc[0]
         raise UserError(f"strict mode: {len(rejects)} segment(s) rejected, first {first['id'] or first['path']}: "

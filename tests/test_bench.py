@@ -49,3 +49,20 @@ def test_extractor_benchmarks_report_every_option(tmp_path):
                                   "--seeds", "--cpu-clips", "2", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert set(report["media_s_per_s"]) == set(report["media_s_per_cpu_s"]) == {"librosa", "egemaps"}
+def test_synthetic_mosei_pickle_is_mmsa_shaped_and_zero_after_each_length(tmp_path):
+    import numpy as np
+
+    from pipeline import safe_pickle
+
+    sizes = {"train": 7, "valid": 3, "test": 2}
+    path = bench.write_mosei_pickle(tmp_path / "m.pkl", sizes, bench.MOSEI_DIMS, steps=12)
+    data = safe_pickle.load(path)
+    for split, n in sizes.items():
+        values = data[split]
+        audio, mask = np.asarray(values["audio"]), np.asarray(values["text_bert"])[:, 1]
+        assert audio.shape == (n, 12, 74) and np.asarray(values["vision"]).shape == (n, 12, 35)
+        for i, length in enumerate(values["audio_lengths"]):
+            assert audio[i, :length].all() and not audio[i, length:].any()
+        text = np.asarray(values["text"])
+        assert ((np.abs(text).sum(-1) > 0) == (mask > 0)).all()
+        assert len(values["id"]) == len(values["regression_labels"]) == n

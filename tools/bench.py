@@ -6,6 +6,7 @@
     python -m tools.bench features --corpus raw/demo --set features.visual.encoder=random:clip-vit-b-32
     python -m tools.bench features --rss-sizes 200 2000     # + peak memory at two corpus sizes
     python -m tools.bench train                             # MOSI-sized synthetic features, every model
+    python -m tools.bench pickle                            # MOSEI-sized MMSA pickle through `dvc repro`, peak RSS
 
 `features` makes (or takes, with --corpus) a corpus in the MMSA layout, builds its
 manifest with `prepare`, runs text, visual and acoustic cold (fresh cache) and
@@ -24,6 +25,11 @@ process), and it prints the peak RSS of the stage process, of its largest worker
 of its whole process tree (sampled), and whether the peak grows with the corpus. Pick
 sizes well above the encoders' batch sizes (64): a corpus that never fills a batch
 has a lower peak for that reason alone.
+
+`pickle` writes a synthetic MMSA pickle of CMU-MOSEI's size (22,856 segments, 16326/1871/4659;
+text 768-d, audio 74-d, vision 35-d, 50 steps each: 4.0 GB), streamed so the writer stays small,
+runs the whole DAG on it with `dvc repro` (data.format mmsa, preset mosei, one epoch per model) in a
+throw-away git + DVC copy of the project, and prints the peak RSS (VmHWM) of every stage process.
 
 `train` writes MOSI-sized feature tables (2,199 segments, 1,284 train; text 768-d x
 ~30 tokens as ModernBERT-base, visual 512-d x ~30 frames as CLIP ViT-B-32, acoustic
@@ -253,12 +259,23 @@ def _own_peak_rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / (1024 if sys.platform == "darwin" else 1)
 
 
-def run_sampling_rss(cmd: list[str], interval: float = 0.1) -> tuple[subprocess.CompletedProcess, float, float]:
+def _hwm_mb(pid: int) -> float:
+    """A process's own peak RSS so far (VmHWM: catches peaks between samples), 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return 0.0
+
+
+def run_sampling_rss(cmd: list[str], interval: float = 0.1, peaks: dict | None = None,
+                     **popen) -> tuple[subprocess.CompletedProcess, float, float]:
     """Run cmd; return it, the peak summed RSS (MiB) of its process tree, and the largest peak RSS of
-    any one process under it (a worker), sampled every `interval` seconds."""
+    any one process under it (a worker), sampled every `interval` seconds. With `peaks`, also fill
+    {pid: [command line, its peak RSS in MiB (VmHWM)]} for every process seen in the tree."""
     import psutil
 
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
     tree_peak, worker_peak = 0, 0
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)  # never block on a full pipe
@@ -278,6 +295,12 @@ def run_sampling_rss(cmd: list[str], interval: float = 0.1) -> tuple[subprocess.
             total += rss
             if p is not root:
                 worker_peak = max(worker_peak, rss)
+            if peaks is not None:
+                try:
+                    seen = peaks.setdefault(p.pid, [" ".join(p.cmdline()), 0.0])
+                except psutil.Error:
+                    continue
+                seen[1] = max(seen[1], _hwm_mb(p.pid))
         tree_peak = max(tree_peak, total)
         time.sleep(interval)
     reader.join()
@@ -314,6 +337,121 @@ def rss_by_corpus_size(args, workdir: Path) -> list[dict]:
                   f"for {small['clips']} -> {big['clips']} clips ({change:+.0%}): "
                   + ("GROWS with the corpus" if change > 0.1 else "flat (within 10%)"))
     return rows
+
+
+# --------------------------------------------------------------------------- a MOSEI-sized pickle through the DAG
+
+MOSEI_SPLITS = {"train": 16326, "valid": 1871, "test": 4659}  # 22,856 segments
+MOSEI_DIMS = {"text": 768, "audio": 74, "vision": 35}          # BERT, COVAREP, FACET
+
+
+class SyntheticRows:
+    """(N, steps, dim) float32: random where a row has steps (its length), zero after; made a block at a
+    time, so safe_pickle.dump writes a 4 GB pickle holding one block in memory."""
+
+    def __init__(self, lengths: np.ndarray, steps: int, dim: int, seed: int):
+        self.lengths, self.seed = lengths, seed
+        self.shape, self.dtype = (len(lengths), steps, dim), np.dtype(np.float32)
+
+    def blocks(self):
+        from pipeline.safe_pickle import block_rows
+
+        step = block_rows(self)
+        for k, start in enumerate(range(0, self.shape[0], step)):
+            rows = min(step, self.shape[0] - start)
+            block = np.random.default_rng([self.seed, k]).standard_normal((rows, *self.shape[1:]), dtype=np.float32)
+            block[np.arange(self.shape[1])[None, :] >= self.lengths[start:start + rows, None]] = 0
+            yield block
+
+
+def write_mosei_pickle(path: Path, sizes: dict, dims: dict, steps: int, seed: int = 0) -> Path:
+    """An MMSA-layout pickle of CMU-MOSEI's size and dims, every modality `steps` long (as aligned_50)."""
+    from pipeline.safe_pickle import dump
+
+    rng, data = np.random.default_rng(seed), {}
+    for k, (split, n) in enumerate(sizes.items()):
+        lengths = {key: rng.integers(max(1, steps // 5), steps + 1, n) for key in dims}
+        mask = np.arange(steps)[None, :] < lengths["text"][:, None]
+        text_bert = np.stack([np.where(mask, rng.integers(1000, 30000, (n, steps)), 0), mask, np.zeros_like(mask)], 1)
+        labels = rng.uniform(-3, 3, n).round(1).astype(np.float32)
+        data[split] = {"id": [f"s{k}v{i // 10}$_${i % 10}" for i in range(n)], "raw_text": ["a synthetic segment"] * n,
+                       **{key: SyntheticRows(lengths[key], steps, dim, seed * 100 + 10 * k + j)
+                          for j, (key, dim) in enumerate(dims.items())},
+                       "text_bert": text_bert.astype(np.float32), "audio_lengths": lengths["audio"].tolist(),
+                       "vision_lengths": lengths["vision"].tolist(), "regression_labels": labels,
+                       "classification_labels": (np.sign(labels) + 1).astype(np.float32), "annotations": ["Neutral"] * n}
+    dump(data, path)
+    return path
+
+
+def _dvc_project(workdir: Path, raw: dict) -> tuple[Path, dict]:
+    """A git + DVC copy of this repository's tracked files (not the demo corpus) with these params."""
+    import shutil
+
+    import yaml
+
+    repo, project = Path(__file__).resolve().parents[1], workdir / "project"
+    files = subprocess.run(["git", "ls-files"], cwd=repo, capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        if not f.startswith("raw/"):
+            (project / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(repo / f, project / f)
+    (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"],
+           "PYTHONPATH": str(project), "MSA_CACHE_DIR": str(workdir / "cache"), "GIT_AUTHOR_NAME": "bench",
+           "GIT_AUTHOR_EMAIL": "bench@localhost", "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@localhost"}
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "bench"]):
+        subprocess.run(cmd, cwd=project, env=env, check=True, capture_output=True)
+    return project, env
+
+
+def pickle_dag(args) -> int:
+    """Write the synthetic MOSEI pickle, `dvc repro` the whole DAG on it, print each stage's peak RSS."""
+    import shutil
+
+    from pipeline import params
+
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="msa-bench-pickle-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        sizes = {s: max(4, round(n * args.scale)) for s, n in MOSEI_SPLITS.items()}
+        path = workdir / "mosei_synthetic.pkl"
+        t = time.perf_counter()
+        write_mosei_pickle(path, sizes, MOSEI_DIMS, args.steps, args.seed)
+        print(f"pickle: {sum(sizes.values())} segments ({'/'.join(map(str, sizes.values()))}), dims "
+              f"{MOSEI_DIMS}, {args.steps} steps: {path.stat().st_size / 1e9:.2f} GB written in "
+              f"{time.perf_counter() - t:.0f} s, peak RSS of the writer {_own_peak_rss_mb():.0f} MiB")
+        raw = params.load(args.params)
+        for a in (f"data.root={path}", "data.format=mmsa", "data.preset=mosei", "model.epochs=1", *(args.set or [])):
+            params.assign(raw, a)
+        project, env = _dvc_project(workdir, raw)
+        peaks: dict = {}
+        t = time.perf_counter()
+        done, tree_peak, _ = run_sampling_rss(["dvc", "repro"], interval=0.2, peaks=peaks, cwd=project, env=env)
+        wall = time.perf_counter() - t
+        if done.returncode != 0:
+            raise RuntimeError(f"dvc repro failed:\n{done.stdout[-3000:]}")
+        by_stage: dict[str, float] = {}
+        for cmdline, peak in peaks.values():
+            words = cmdline.split()
+            if "-m" in words and words[words.index("-m") + 1].startswith("stages."):
+                stage = words[words.index("-m") + 1].split(".")[1]
+                stage += f"@{words[words.index('-m') + 2]}" if stage == "train" else ""
+                by_stage[stage] = max(by_stage.get(stage, 0.0), peak)
+        for stage, peak in by_stage.items():
+            print(f"dag       {stage:22s} peak RSS {peak:7.0f} MiB")
+        limit = 4e9 / 2**20
+        largest = max(by_stage.values())
+        print(f"dag       `dvc repro` on {sum(sizes.values())} segments: {wall:.0f} s; largest stage process "
+              f"{largest:.0f} MiB ({largest * 2**20 / 1e9:.2f} GB), whole tree {tree_peak:.0f} MiB (sampled): "
+              + ("below 4 GB" if largest < limit else "ABOVE 4 GB"))
+        if args.json:
+            Path(args.json).write_text(json.dumps({"sizes": sizes, "steps": args.steps, "pickle_bytes": path.stat().st_size,
+                                                   "wall_s": wall, "stage_peak_mb": by_stage, "tree_peak_mb": tree_peak}, indent=1))
+    finally:
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 0
 
 
 # --------------------------------------------------------------------------- training
@@ -507,6 +645,17 @@ def main(argv=None) -> int:
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a param, e.g. gce.fusion_dim=256")
     t.add_argument("--json", help="also write the figures here")
     t.set_defaults(run=train)
+
+    k = sub.add_parser("pickle", help="a synthetic MOSEI-sized MMSA pickle through `dvc repro`: peak RSS per stage",
+                       description=pickle_dag.__doc__)
+    k.add_argument("--scale", type=float, default=1.0, help="fraction of MOSEI's 16326/1871/4659 segments")
+    k.add_argument("--steps", type=int, default=50, help="steps of every modality (aligned_50: 50)")
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--workdir", help="keep the pickle and the project here (default: a temporary folder, removed)")
+    k.add_argument("--params", default="params.yaml")
+    k.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a param (default model.epochs=1)")
+    k.add_argument("--json", help="also write the figures here")
+    k.set_defaults(run=pickle_dag)
     args = parser.parse_args(argv)
     return args.run(args)
 

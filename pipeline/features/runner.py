@@ -301,6 +301,7 @@ def stage_main(stage: str, module, argv: list[str] | None = None) -> int:
     from ..cache import DISK_FULL, CacheParams
     from ..compute import Compute
     from ..errors import guarded, require
+    from .from_pickle import pickle_stage
 
     cli = argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=module.__doc__.split("\n\n")[0])
     cli.add_argument("manifest", help="the manifest written by `prepare`")
@@ -316,8 +317,9 @@ def stage_main(stage: str, module, argv: list[str] | None = None) -> int:
         cache_root = params.read(raw, CacheParams).root()
         require(args.manifest, "prepare")
         manifest = pd.read_parquet(args.manifest)
+        run = pickle_stage(stage, args.manifest, cfg) or module.run  # data.format mmsa: read from the pickle
         try:
-            meta = module.run(manifest, cfg, cache_root, args.out, compute=compute, show_progress=True)
+            meta = run(manifest, cfg, cache_root, args.out, compute=compute, show_progress=True)
         except OSError as err:
             if err.errno not in DISK_FULL:
                 raise

@@ -31,6 +31,8 @@ VERSION = 1  # bump when the extraction itself changes: it is part of every cach
 @section("features.text")
 @dataclass
 class TextParams:
+    source: str = param("pickle", one_of("pickle", "encoder"),
+                        "data.format mmsa: the pickle's text features, or encode raw_text (raw corpora: always encoded)")
     encoder: str = param("minilm", doc="preset (minilm | modernbert-base) or a local Hugging Face folder")
     max_length: int = param(64, ge(2), "tokens; longer transcripts are truncated and recorded")
     layers: list[int] = param([-1], doc="hidden layers averaged into the token states (-1 = last)")
