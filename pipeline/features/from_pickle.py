@@ -67,7 +67,10 @@ def write_table(stage: str, manifest: pd.DataFrame, manifest_meta: dict, cfg, ou
     failures = [{"id": id_, "reason": f"no {key} steps (length 0 in the pickle)"}
                 for s, rows in by_split.items() if present
                 for id_, n in zip(rows["id"], splits[s].lengths(stage)[rows["pickle_row"].to_numpy(np.int64)]) if n == 0]
-    ok = len(manifest) - len(failures) if present else 0
+    if not present:  # as for a raw corpus without media: every segment skipped, with the reason
+        failures = [{"id": id_, "reason": f"the pickle holds no {MODALITY_KEYS[stage]}", "skipped": True}
+                    for id_ in manifest["id"]]
+    ok = len(manifest) - len(failures)
 
     def batches():
         for s, mine in by_split.items():
@@ -97,8 +100,9 @@ def write_table(stage: str, manifest: pd.DataFrame, manifest_meta: dict, cfg, ou
             "source": {"pickle": source["pickle"], "key": key, "layout": layout.name,
                        "token_ids": "text_bert" if m.token_ids and "text_bert" in splits["train"].values else None},
             "values_set_to_0": (source.get("values_set_to_0") or {}).get(stage, {}),
-            "counts": {"segments": len(manifest), "ok": ok, "failed": len(failures), "cached": 0, "extracted": ok},
-            "failures": failures, "notes": [], "retries": []}
+            "counts": {"segments": len(manifest), "ok": ok, "failed": len(failures) if present else 0, "cached": 0,
+                       "extracted": ok, "skipped": 0 if present else len(failures), "repaired": 0},
+            "failures": failures, "notes": [], "retries": [], "repaired": []}
     if not present:
         meta["note"] = f"the pickle holds no {key}"
     write_feature_batches(out_path, arrow_schema, batches(), meta)
