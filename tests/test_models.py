@@ -20,7 +20,7 @@ from pipeline.models.blocks import (
     route_top_k,
     task_loss,
 )
-from pipeline.models.gce import RelationFilter, grade_pairs, gram
+from pipeline.models.gce import RelationFilter, grade_pairs, gram, relation_loss
 
 DIMS = {"text": 12, "visual": 10, "acoustic": 6}
 MAX_LEN = {"text": 6, "visual": 4, "acoustic": 7}
@@ -33,6 +33,7 @@ SMALL = {  # tiny configs: every test runs in well under a second per model
     "late_fusion": dict(head_hidden=16, dropout=0.0),
 }
 ALL_MODELS = sorted(MODELS)
+ALL_VARIANTS = ALL_MODELS + ["gce:reference", "gexsent:reference"]  # "<model>:<variant>" for make_model
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -44,9 +45,21 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def small_config(name, **overrides):
+    """SMALL[name] with overrides; under variant reference without the params only `improved` has."""
+    config = {**SMALL[name], **overrides}
+    if name == "gexsent" and config.get("variant") == "reference":
+        config = {k: v for k, v in config.items() if k not in pipeline.models.gexsent.IMPROVED_ONLY}
+    return config
+
+
 def make_model(name, dims=DIMS, task="regression", num_classes=1, **overrides):
+    """A tiny model; name may be "<model>:<variant>"."""
+    name, _, variant = name.partition(":")
+    if variant:
+        overrides["variant"] = variant
     torch.manual_seed(0)
-    return build_model(name, dims, task, num_classes, {**SMALL[name], **overrides})
+    return build_model(name, dims, task, num_classes, small_config(name, **overrides))
 
 
 def make_batch(batch_size, dims=DIMS, seed=0, task="regression", num_classes=3):
@@ -130,9 +143,12 @@ def test_dispatch_and_einsum_routing_agree(top_k):
     for routing in ("dispatch", "einsum"):
         moe.routing = routing
         moe.zero_grad()
-        out, balance, load = moe(x, mask)
+        out, stats, per_sample = moe(x, mask)
+        balance, load = stats.balance_loss(), stats.routed
         (out.square().sum() + balance).backward()
         results[routing] = (out, balance, load, [p.grad.clone() for p in moe.parameters()])
+        # each sample's routing weights sum to its number of real tokens (the k weights sum to 1)
+        torch.testing.assert_close(per_sample.sum(-1), mask.sum(-1).float())
     (out_d, bal_d, load_d, grads_d), (out_e, bal_e, load_e, grads_e) = results["dispatch"], results["einsum"]
     torch.testing.assert_close(out_d, out_e)
     torch.testing.assert_close(bal_d, bal_e)
@@ -143,7 +159,7 @@ def test_dispatch_and_einsum_routing_agree(top_k):
 
 
 # ----------------------------------------------------------------------------- masks and padding
-@pytest.mark.parametrize("name", ALL_MODELS)
+@pytest.mark.parametrize("name", ALL_VARIANTS)
 def test_changing_padded_positions_changes_no_output(name):
     model = make_model(name)
     batch = drop_modality(make_batch(6), "visual", [1])
@@ -170,7 +186,7 @@ def test_padding_scramble_is_visible_without_the_mask():
     assert not torch.allclose(model(unmasked)["pred"], model(scrambled)["pred"])
 
 
-@pytest.mark.parametrize("name", ALL_MODELS)
+@pytest.mark.parametrize("name", ALL_VARIANTS)
 def test_missing_modalities_per_sample(name):
     model = make_model(name)
     batch = make_batch(5)
@@ -222,7 +238,7 @@ def test_gates_of_one_are_plain_attention():
 
 
 def test_reference_softmax_mean_gate_is_constant():
-    model = make_model("gexsent", gate="softmax_mean", n_gate_logits=5).eval()
+    model = make_model("gexsent", variant="reference", n_experts=5).eval()
     gates = model(make_batch(3))["extras"]["token_gates_text"]
     torch.testing.assert_close(gates, torch.full_like(gates, 1 / 5))
 
@@ -273,11 +289,11 @@ def test_relation_weights_lie_in_unit_interval_and_loss_vanishes_for_matching_gr
     assert weights.shape == (6,) and ((weights > 0) & (weights < 1)).all()
 
     rows = cols = torch.ones(6)
-    assert relation(guide, student, rows, cols) > 0
+    assert relation_loss(guide, student, weights, rows, cols) > 0
     # a rescaled guide has the same cosine Gram matrix: nothing to transfer
     torch.testing.assert_close(gram(3 * guide), gram(guide))
-    assert relation(guide, 3 * guide, rows, cols).item() == pytest.approx(0.0, abs=1e-6)
-    assert relation(guide, student, torch.zeros(6), cols) == 0  # no rows taught, no loss
+    assert relation_loss(guide, 3 * guide, weights, rows, cols).item() == pytest.approx(0.0, abs=1e-6)
+    assert relation_loss(guide, student, weights, torch.zeros(6), cols) == 0  # no rows taught, no loss
 
 
 def test_relation_loss_is_the_weighted_gram_difference_over_the_batch():
@@ -286,7 +302,7 @@ def test_relation_loss_is_the_weighted_gram_difference_over_the_batch():
     guide, student = torch.randn(5, 8), torch.randn(5, 8, requires_grad=True)
     weights = relation.weights(guide, student)
     expected = ((gram(student) - gram(guide)) ** 2 * weights[:, None]).sum() / 5
-    loss = relation(guide.requires_grad_(), student, torch.ones(5), torch.ones(5))
+    loss = relation_loss(guide.requires_grad_(), student, weights, torch.ones(5), torch.ones(5))
     torch.testing.assert_close(loss, expected)
     loss.backward()
     assert guide.grad is None and student.grad.abs().sum() > 0  # the guide is detached
@@ -311,7 +327,7 @@ def test_gce_graders_send_no_gradient_into_the_encoders():
 def test_gce_relation_loss_appears_only_with_a_guide():
     model = make_model("gce").train()
     out = model(make_batch(8))
-    assert set(out["aux"]) == {"contrastive", "graders", "relation"}
+    assert set(out["aux"]) == {"contrastive", "graders", "relation", "relation_filter"}
     guides = out["extras"]["guides"]
     assert (out["aux"]["relation"] > 0) == bool(guides.any())
     model.config.grading_ratio = 0.0  # nobody is ever good enough to guide
@@ -347,7 +363,7 @@ def test_gce_with_fewer_modalities(dims, keys):
 
 
 # ----------------------------------------------------------------------------- interface
-@pytest.mark.parametrize("name", ALL_MODELS)
+@pytest.mark.parametrize("name", ALL_VARIANTS)
 def test_batch_size_one(name):
     model = make_model(name)
     batch = make_batch(1)
@@ -362,7 +378,7 @@ def test_batch_size_one(name):
     assert model(single)["pred"].shape == (1,)
 
 
-@pytest.mark.parametrize("name", ALL_MODELS)
+@pytest.mark.parametrize("name", ALL_VARIANTS)
 def test_classification_gives_logits(name):
     model = make_model(name, task="classification", num_classes=3).train()
     batch = make_batch(4, task="classification", num_classes=3)
@@ -371,7 +387,7 @@ def test_classification_gives_logits(name):
     total_loss(out, batch, "classification").backward()
 
 
-@pytest.mark.parametrize("name", ALL_MODELS)
+@pytest.mark.parametrize("name", ALL_VARIANTS)
 def test_bfloat16_autocast(name):
     model = make_model(name).train()
     batch = make_batch(4)
@@ -395,7 +411,7 @@ def test_config_errors_are_clear():
         build_model("gce", {"audio": 4}, "regression", 1, {})
 
 
-@pytest.mark.parametrize("name", ALL_MODELS)
+@pytest.mark.parametrize("name", ALL_VARIANTS)
 def test_overfits_a_small_fixed_batch(name):
     model = make_model(name).train()
     batch = make_batch(16, seed=3)
