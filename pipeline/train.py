@@ -194,6 +194,7 @@ class Run:
     rows: dict[str, np.ndarray] = field(default_factory=dict)  # split -> dataset rows
     text_encoder: str | None = None
     saved: dict = field(default_factory=dict)  # rank 0: epoch and score of the checkpoint this run wrote last
+    owns_group: bool = False  # this run started the process group, and ends it
 
     @property
     def main(self) -> bool:
@@ -212,22 +213,25 @@ class Run:
                             self.cfg.text_finetune)
 
 
-def _init_process(cfg: TrainParams) -> tuple[torch.device, int, int]:
-    """Device, rank and world size; joins the process group under torchrun; seeds."""
+def _init_process(cfg: TrainParams) -> tuple[torch.device, int, int, bool]:
+    """Device, rank, world size and whether this run started the process group (it joins one under
+    torchrun, unless its caller already did: a job training several models keeps one group); seeds."""
     rank, local_rank, world = _dist_info()
     device = resolve_device(cfg.device)
+    owns_group = world > 1 and not dist.is_initialized()
     if world > 1:
         if device.type == "cuda":
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if owns_group:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if cfg.threads:  # CPU results depend on the thread count (reduction order): fix it
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
-    return device, rank, world
+    return device, rank, world, owns_group
 
 
 def _build_model(name: str, data: AssembledData, cfg: TrainParams, arch: dict) -> tuple[torch.nn.Module, str | None]:
@@ -244,7 +248,7 @@ def _build_model(name: str, data: AssembledData, cfg: TrainParams, arch: dict) -
 
 def setup(name: str, data_dir: str | Path, cfg: TrainParams, arch: dict) -> Run:
     """Process group, seeds, the data this model reads, the model, its optimiser and the batches."""
-    device, rank, world = _init_process(cfg)
+    device, rank, world, owns_group = _init_process(cfg)
     wanted = modalities_read(name, cfg.modalities)
     data = AssembledData(data_dir, modalities=wanted)
     if not data.modalities:
@@ -271,7 +275,7 @@ def setup(name: str, data_dir: str | Path, cfg: TrainParams, arch: dict) -> Run:
         trainable = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
     run = Run(name, cfg, arch, device, rank, world, data, model, trainable, sampler, loader, optimizer, scheduler,
-              rows, text_encoder)
+              rows, text_encoder, owns_group=owns_group)
     dropped = sorted(set(wanted) - set(data.modalities))
     if dropped:
         run.log(f"{name}: no {', '.join(dropped)} features in this dataset ({data.meta.get('skipped')}); training on "
@@ -459,7 +463,7 @@ def train_model(name: str, data_dir: str | Path, out_dir: str | Path, cfg: Train
             dist.broadcast_object_list(shared, src=0)
             result = shared[0]
     finally:
-        if run.world > 1:
+        if run.owns_group:
             dist.destroy_process_group()
     return result
 

@@ -28,7 +28,8 @@ def main(name: str, dataset: str, out: str) -> int:
             print(f"train: {err}", file=sys.stderr)
         return 1
     test = result["test"]
-    print(f"{name}: test " + ", ".join(f"{k} {v:.4f}" for k, v in test.items() if v is not None))
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{name}: test " + ", ".join(f"{k} {v:.4f}" for k, v in test.items() if v is not None))
     return 0
 
 
