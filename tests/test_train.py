@@ -110,6 +110,15 @@ def test_train_writes_outputs_and_round_trips(dataset, tmp_path, name):
     pred = predict_rows(model, data, rows, torch.device("cpu"), 64, False)
     assert np.mean(np.abs(pred - data.labels[rows])) == pytest.approx(saved["test"]["mae"], abs=1e-5)
 
+    from pipeline.interpret import explain
+    from pipeline.predict import forward
+
+    lines = explain(name, model, forward(model, ckpt, data.segment(rows[0])).get("extras", {}))  # what --explain prints
+    expected = {"gexsent": ["modality shares: text ", "top experts (text): #", "top experts (acoustic): #"],
+                "gce": ["graders: text ", "guide pair (relation filter's most trusted): "]}
+    for start in expected.get(name, ["input weight shares: text "]):
+        assert any(line.startswith(start) for line in lines), (start, lines)
+
 
 def test_training_is_deterministic_on_cpu(dataset, tmp_path):
     train_model("gexsent", dataset, tmp_path / "a", FAST, {}, progress=False)
