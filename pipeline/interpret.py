@@ -2,8 +2,9 @@
 
 Per run (rank 0, after the checkpoint chosen on validation is reloaded) `write` puts in the model folder:
 
-* ``interpret.json``: summary numbers (`dvc metrics show`), and
-* ``interpret/``: JSON tables (`dvc plots`, declared in dvc.yaml) and one PNG.
+* ``interpret.json``: a few headline numbers (`dvc metrics show`),
+* ``interpret/``: ``summary.json`` (the details: per pair, per class), JSON tables (`dvc plots`, declared
+  in dvc.yaml) and one PNG.
 
 GEXSent: expert utilisation per modality (fraction of routings per expert and its entropy, on the
 test split and per training epoch), modality-gate shares per test sample and their mean per label
@@ -74,11 +75,26 @@ def write(name: str, model, out_dir: Path, epoch_stats: list[dict], extras: dict
         summary = {"input_weight_share": shares}
         tables = {"input_shares": [{"modality": m, "share": v} for m, v in shares.items()]}
         figure = [("bar", "first-layer weight share per modality", shares)]
-    for table, rows in tables.items():
+    for table, rows in {**tables, "summary": summary}.items():
         (folder / f"{table}.json").write_text(json.dumps(_finite(rows), indent=1) + "\n")
-    (Path(out_dir) / "interpret.json").write_text(json.dumps(_finite(summary), indent=2) + "\n")
+    headline = _finite(headlines(summary))
+    (Path(out_dir) / "interpret.json").write_text(json.dumps(headline, indent=2) + "\n")
     plots.panels(figure, folder / f"{name}.png", f"{name}: what it learned")
     return summary
+
+
+def headlines(summary: dict) -> dict:
+    """The few numbers `dvc metrics show` lists next to the test metrics (the rest is in interpret/summary.json)."""
+    out = {k: summary[k] for k in ("expert_entropy", "modality_share", "relation_fired_batches") if k in summary}
+    if "input_weight_share" in summary:
+        out["input_share"] = summary["input_weight_share"]
+    weights = list(summary.get("relation_weight", {}).values())
+    if weights:  # means over the (guide, student) pairs
+        out["w_mean"] = float(np.mean([w["mean"] for w in weights]))
+        out["w_std"] = float(np.mean([w["std"] for w in weights]))
+        corr = [w["corr_with_advantage"] for w in weights if w.get("corr_with_advantage") is not None]
+        out["w_corr_advantage"] = float(np.mean(corr)) if corr else None
+    return out
 
 
 # --------------------------------------------------------------------------- GCE

@@ -358,7 +358,7 @@ def test_gce_with_fewer_modalities(dims, keys):
     batch = make_batch(4, dims)
     out = model(batch)
     assert set(out["aux"]) == keys and out["pred"].shape == (4,)
-    assert model.relation_filter is None
+    assert model.relation_filters is None
     if len(dims) == 1:  # the unimodal path: utterance vector -> summary -> head
         assert len(model.pair_fusion) == 0
         model.eval()
@@ -473,7 +473,8 @@ def test_gce_variants_build_their_components():
     assert reference.config.pool() == "first" and improved.config.pool() == "mean"
     assert reference.config.ff_dim("visual") == 2048 and improved.config.ff_dim("visual") == 4 * 8
     assert reference.contrastive["text_visual"].reference and not improved.contrastive["text_visual"].reference
-    assert reference.relation_filter.alpha == 0.125 and improved.relation_filter.alpha == 1.0
+    assert reference.relation_filters[0].alpha == 0.125 and improved.relation_filters[0].alpha == 1.0
+    assert len(set(map(id, reference.relation_filters))) == 1 and len(set(map(id, improved.relation_filters))) == 6
     with pytest.raises(ParamError, match=r"^gce\.learnable_temperature: true is not allowed \(false with variant reference"):
         build_model("gce", DIMS, "regression", 1, {"variant": "reference", "learnable_temperature": True})
     with pytest.raises(ParamError, match=r"^gexsent\.head_hidden: 16 is not allowed \(64 with variant reference"):
@@ -487,12 +488,12 @@ def test_reference_relation_filter_learns_from_the_relation_loss_and_ours_from_t
         out = model(batch)
         model.zero_grad()
         out["aux"]["relation"].backward(retain_graph=True)
-        got = any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.relation_filter.parameters())
+        got = any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.relation_filters.parameters())
         assert got == filter_gets_relation_gradient, name
         if "relation_filter" in out["aux"]:  # ours: trained by its own loss, on detached inputs
             model.zero_grad()
             out["aux"]["relation_filter"].backward()
-            assert all(p.grad.abs().sum() > 0 for p in model.relation_filter.parameters())
+            assert all(p.grad.abs().sum() > 0 for p in model.relation_filters.parameters())
             assert all(p.grad is None for p in model.pair_fusion.parameters())
 
 
@@ -500,7 +501,7 @@ def test_improved_relation_filter_learns_where_the_guide_is_better():
     """Trained on its own loss, w separates samples where the guide pair's grader beats the student's."""
     torch.manual_seed(0)
     model = make_model("gce", grading_ratio=0.7).train()
-    optimizer = torch.optim.Adam(model.relation_filter.parameters(), lr=0.05)
+    optimizer = torch.optim.Adam(model.relation_filters.parameters(), lr=0.05)
     reprs = {n: torch.randn(64, 8) for n in model.pair_names}
     errors = torch.stack([(reprs[n][:, 0] > 0).float() for n in model.pair_names])  # pair p errs where dim 0 > 0
     valid = torch.ones(3, 64, dtype=torch.bool)
@@ -559,7 +560,7 @@ def test_gce_ablate_contrastive_removes_only_the_infonce_loss():
 def test_gce_ablate_relation_removes_the_relation_loss_and_filter():
     model = make_model("gce", ablate=["relation"]).train()
     out = model(make_batch(6))
-    assert model.relation_filter is None and set(out["aux"]) == {"contrastive", "graders"}
+    assert model.relation_filters is None and set(out["aux"]) == {"contrastive", "graders"}
 
 
 def test_gce_ablate_grading_lets_every_pair_teach_every_other():
@@ -578,11 +579,11 @@ def test_gce_ablate_grading_lets_every_pair_teach_every_other():
 def test_gce_ablate_graders_removes_the_graders_and_runs_the_transfer_ungraded_and_unweighted():
     model = make_model("gce", ablate=["graders"]).train()
     out = model(make_batch(6))
-    assert len(model.unimodal_graders) == len(model.pair_graders) == 0 and model.relation_filter is None
+    assert len(model.unimodal_graders) == len(model.pair_graders) == 0 and model.relation_filters is None
     assert "graders" not in out["aux"] and out["aux"]["relation"] > 0
     assert torch.equal(out["extras"]["relation_weights"], torch.ones_like(out["extras"]["relation_weights"]))
     reference = make_model("gce:reference", ablate=["graders"]).train()  # its filter needs no graders
-    assert reference.relation_filter is not None and "relation" in reference(make_batch(6))["aux"]
+    assert reference.relation_filters is not None and "relation" in reference(make_batch(6))["aux"]
 
 
 def test_gexsent_ablate_experts_uses_a_dense_ffn_as_wide_as_the_routed_experts():

@@ -82,7 +82,9 @@ def test_train_writes_outputs_and_round_trips(dataset, tmp_path, name):
     for png in ("loss.png", "scatter.png", "confusion.png"):
         assert (tmp_path / name / "plots" / png).stat().st_size > 1000
     assert (tmp_path / name / "interpret" / f"{name}.png").stat().st_size > 1000
-    summary = json.loads((tmp_path / name / "interpret.json").read_text())
+    summary = json.loads((tmp_path / name / "interpret" / "summary.json").read_text())
+    headline = json.loads((tmp_path / name / "interpret.json").read_text())  # what dvc metrics show lists
+    assert 0 < len(pd.json_normalize(headline).columns) <= 6
     declared = yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"]  # what `dvc plots` reads for this model
     for entry in declared:
         path = entry if isinstance(entry, str) else next(iter(entry))
