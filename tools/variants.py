@@ -116,7 +116,7 @@ def relation(args, work: Path) -> list[dict]:
 
 def compare(args, work: Path) -> list[dict]:
     runs = []
-    for name in ("gce", "gexsent"):
+    for name in args.models:
         for variant in ("reference", "improved"):
             for seed in args.seeds:
                 run = {"model": name, "variant": variant, "seed": seed,
@@ -141,6 +141,8 @@ def main(argv=None) -> int:
     cli = argparse.ArgumentParser(prog="python -m tools.variants", description=__doc__.split("\n\n")[0])
     cli.add_argument("study", choices=("relation", "compare"))
     cli.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    cli.add_argument("--models", nargs="+", default=["gce", "gexsent"], choices=["gce", "gexsent"],
+                     help="compare only: GCE's demo runs are the same as relation's with the relation loss on")
     cli.add_argument("--out", help="write every run as JSON here")
     args = cli.parse_args(argv)
     if not Path("features/dataset/meta.json").is_file():
