@@ -218,9 +218,11 @@ class RoutingStats(NamedTuple):
         return self.prob_sum.numel() * ((self.routed / (tokens * self.top_k)) * (self.prob_sum / tokens)).sum()
 
     def gathered(self, enabled: bool = True) -> "RoutingStats":
-        """The same sums over the global batch (every rank's tokens) under DDP; unchanged otherwise."""
-        rows = [global_batch(t.reshape(1, -1).float(), enabled).sum(0) for t in (self.prob_sum, self.routed, self.tokens)]
-        return RoutingStats(rows[0], rows[1], rows[2][0], self.top_k)
+        """The same sums over the global batch (every rank's tokens) under DDP, in one all-gather; unchanged otherwise."""
+        n = self.prob_sum.numel()
+        row = torch.cat([self.prob_sum.float(), self.routed.float(), self.tokens.float().reshape(1)])
+        total = global_batch(row[None], enabled).sum(0)
+        return RoutingStats(total[:n], total[n:2 * n], total[2 * n], self.top_k)
 
 
 def load_balance_loss(probs: torch.Tensor, top_experts: torch.Tensor) -> torch.Tensor:
