@@ -101,7 +101,8 @@ VARIANT_ONLY = {"text_dim": ("improved", 0), "learnable_temperature": ("improved
 @section("gce")
 @dataclass
 class GCEConfig:
-    variant: str = param("improved", one_of(*VARIANTS), "reference (the published model) | improved (ours); see the table in pipeline/models/gce.py")
+    variant: str = param("improved", one_of(*VARIANTS),
+                         "reference (the published model) | improved (ours); the table atop pipeline/models/gce.py")
     ablate: list[str] = param([], one_of(*ABLATIONS), "components switched off: grading | relation | contrastive | graders")
     text_pool: str = param("auto", one_of("auto", "first", "mean"), "auto: first ([CLS]) for reference, mean for improved")
     text_dim: int = param(0, ge(0), "0: text vector used as is (reference); > 0: Linear + tanh projection to this size")

@@ -85,13 +85,15 @@ IMPROVED_ONLY = ("expert_hidden", "routing", "balance_weight", "cross_temperatur
 @section("gexsent")
 @dataclass
 class GEXSentConfig:
-    variant: str = param("improved", one_of(*VARIANTS), "reference (the published model) | improved (ours); see the table in pipeline/models/gexsent.py")
+    variant: str = param("improved", one_of(*VARIANTS),
+                         "reference (the published model) | improved (ours); the table atop pipeline/models/gexsent.py")
     ablate: list[str] = param([], one_of(*ABLATIONS), "components switched off: experts | modality_gate | gated_attention")
     d_model: int = param(64, ge(1), "width of every modality stream after projection")
     n_experts: int = param(10, ge(1), "experts per modality (reference: 10)")
     top_k: int = param(2, ge(1), "experts routed per token (reference: 2)")
     expert_hidden: int = param(128, ge(1), "improved: hidden size of each expert FFN")
-    routing: str = param("dispatch", one_of("dispatch", "einsum"), "improved: same result; dispatch measured 2-6x faster on CPU")
+    routing: str = param("dispatch", one_of("dispatch", "einsum"),
+                         "improved: same result; dispatch measured 2-6x faster on CPU")
     balance_weight: float = param(0.01, ge(0), "improved: weight of the load-balancing loss (Switch Transformer uses 0.01)")
     n_heads: int = param(4, ge(1), "attention heads in self-attention (and gated attention, improved)")
     cross_temperature: float = param(1.0, gt(0), "improved: cross-modal attention softmax(q.k / (sqrt(d) * temperature))")
