@@ -114,5 +114,8 @@ def test_two_ranks_train_like_one_process(tmp_path, dataset, two_ranks, case):
     np.testing.assert_allclose(b["pred"], a["pred"], atol=1e-5)
     if name == "gce":
         guides = [json.loads((d / "interpret" / "guides.json").read_text()) for d in (tmp_path / "single", work / "out")]
-        assert guides[0] == guides[1] and any(row["relation_batches"] > 0 for row in guides[0])
+        fired = [row["relation_batches"] for row in guides[0]]
+        assert guides[0] == guides[1] and max(fired) > 0
+        if case == "gce_reference":  # steps without a guide leave its filter unused: DDP must cope
+            assert min(fired) < 1
     assert not list((work / "out").glob("**/*.tmp"))
