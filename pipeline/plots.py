@@ -1,5 +1,6 @@
 """PNG plots written next to each model (DVC's HTML plots load vega from a CDN, so offline
-users get these files instead): loss curves, predicted vs true, confusion matrix."""
+users get these files instead): loss curves, predicted vs true, confusion matrix, and the panels of
+what a model learned (`pipeline.interpret`)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -53,4 +54,46 @@ def confusion(matrix: np.ndarray, names: list[str], path: Path, title: str) -> N
     ax.set(xlabel="predicted", ylabel="true", title=title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def panels(figure: list[tuple[str, str, dict]], path: Path, title: str) -> None:
+    """One PNG of small panels, each (kind, title, data): 'lines' {series: values per epoch}, 'hist'
+    {series: values in [0, 1]}, 'bars' {series: value per index}, 'stacked' {series: {category: value}},
+    'bar' {category: value}. A panel with no data says so instead of staying blank."""
+    fig, axes = plt.subplots(1, max(len(figure), 1), figsize=(4.2 * max(len(figure), 1), 3.4), squeeze=False)
+    for ax, (kind, name, data) in zip(axes[0], figure):
+        ax.set_title(name, fontsize=9)
+        if not data or all(np.size(v) == 0 for v in data.values()):
+            ax.text(0.5, 0.5, "nothing recorded", ha="center", va="center", transform=ax.transAxes)
+            continue
+        if kind == "lines":
+            for series, values in data.items():
+                ax.plot(range(1, len(values) + 1), values, marker=".", label=series)
+            ax.set_xlabel("epoch")
+        elif kind == "hist":
+            for series, values in data.items():
+                ax.hist(values, bins=20, range=(0, 1), histtype="step", label=series)
+            ax.set_xlabel("w")
+        elif kind == "bars":
+            width = 0.8 / len(data)
+            for i, (series, values) in enumerate(data.items()):
+                ax.bar(np.arange(len(values)) + i * width, values, width, label=series)
+            ax.set_xlabel("expert")
+        elif kind == "stacked":
+            categories = list(next(iter(data.values())))
+            bottom = np.zeros(len(categories))
+            for series, values in data.items():
+                heights = np.array([values[c] for c in categories])
+                ax.bar(range(len(categories)), heights, bottom=bottom, label=series)
+                bottom += heights
+            ax.set_xticks(range(len(categories)), categories, rotation=45, ha="right", fontsize=7)
+        else:  # bar
+            ax.bar(range(len(data)), list(data.values()))
+            ax.set_xticks(range(len(data)), list(data), fontsize=8)
+        if kind != "bar":
+            ax.legend(fontsize=6)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)

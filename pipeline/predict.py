@@ -2,6 +2,7 @@
 
     python -m pipeline.predict CLIP.mp4 --text "what the speaker says" --model models/gce
     python -m pipeline.predict --text "a transcript alone" --model models/text_only
+    python -m pipeline.predict CLIP.mp4 --text "..." --model models/gexsent --explain   (+ what the model saw)
 
 The clip goes through the same code as the corpus: `prepare` probes it, each feature stage the
 model reads extracts its features with the encoder and params recorded in the checkpoint (sharing
@@ -116,16 +117,22 @@ def model_inputs(clip: str | Path | None, text: str, ckpt: dict, cache_root=None
 
 def score(model: torch.nn.Module, ckpt: dict, segment: dict) -> torch.Tensor:
     """The model's raw output for one segment's model inputs: a score, or class logits."""
+    return forward(model, ckpt, segment)["pred"].float()[0]
+
+
+def forward(model: torch.nn.Module, ckpt: dict, segment: dict) -> dict:
+    """The model's whole output for one segment (a batch of one): pred, aux, extras."""
     from .dataset import collate
 
     cfg = ckpt["config"]
     batch = collate([segment], cfg["input_dims"], with_token_ids=cfg["text_finetune"])
     with torch.no_grad():
-        return model(batch)["pred"].float()[0]
+        return model(batch)
 
 
-def predict_clip(clip: str | Path | None, text: str, model_dir: str | Path, cache_root=None) -> dict:
-    """Score one clip (or, with clip None, one transcript) -> dict with score/label, modalities used and notes."""
+def predict_clip(clip: str | Path | None, text: str, model_dir: str | Path, cache_root=None, explain: bool = False) -> dict:
+    """Score one clip (or, with clip None, one transcript) -> dict with score/label, modalities used and notes;
+    with explain, also 'explain': lines on what the model saw (`interpret.explain`)."""
     from .metrics import is_positive, score_classes
     from .presets import DEFAULT
     from .train import load_checkpoint
@@ -136,8 +143,13 @@ def predict_clip(clip: str | Path | None, text: str, model_dir: str | Path, cach
     model, ckpt = load_checkpoint(model_path)
     cfg = ckpt["config"]
     segment, notes = model_inputs(clip, text, ckpt, cache_root)
-    pred = score(model, ckpt, segment)
+    out = forward(model, ckpt, segment)
+    pred = out["pred"].float()[0]
     result = {"model": cfg["name"], "modalities": [m for m in cfg["input_dims"] if len(segment[m])], "notes": notes}
+    if explain:
+        from .interpret import explain as explain_lines
+
+        result["explain"] = explain_lines(cfg["name"], model, out.get("extras", {}))
     if cfg["task"] == "classification":
         probs = torch.softmax(pred, -1).numpy()
         result.update(label=cfg["classes"][int(probs.argmax())],
@@ -160,6 +172,8 @@ def _print(result: dict) -> None:
     else:
         shares = ", ".join(f"{c} {p:.3f}" for c, p in result["probabilities"].items())
         print(f"label {result['label']}  ({shares})  {source}")
+    for line in result.get("explain", []):
+        print(f"  {line}")
 
 
 def main(argv=None) -> int:
@@ -167,8 +181,11 @@ def main(argv=None) -> int:
     cli.add_argument("clip", nargs="?", help="video clip (mp4, ...), audio file or image; omit for text alone")
     cli.add_argument("--text", required=True, help="the transcript of the clip")
     cli.add_argument("--model", default="models/gce", help="trained model folder or model.pt (default models/gce)")
+    cli.add_argument("--explain", action="store_true",
+                     help="also print what the model saw: modality shares and top experts (GEXSent), the pair "
+                          "graders and the most trusted guide pair (GCE)")
     args = cli.parse_args(argv)
-    return guarded("predict", lambda: _print(predict_clip(args.clip, args.text, args.model)))
+    return guarded("predict", lambda: _print(predict_clip(args.clip, args.text, args.model, explain=args.explain)))
 
 
 if __name__ == "__main__":

@@ -7,9 +7,13 @@ Deterministic on CPU: same params and seed give an identical metrics.json.
 
 Runs as one process, or under `torchrun --nproc_per_node N` with DistributedDataParallel:
 each rank gets a DistributedSampler shard of the global batch (model.batch_size is the
-global batch size), gradients are averaged by DDP, and only rank 0 writes the checkpoint,
-metrics, dvclive logs and plots. Every rank evaluates the full validation set, so all ranks
-take the same early-stopping decision without talking.
+global batch size), gradients are averaged by DDP, and the models compute their batch-level
+terms (InfoNCE, Gram matrices, grading, load balance) over the global batch
+(`blocks.global_batch`), so N ranks x B/N train like one process x B. DDP looks for parameters
+a step left unused (GCE's relation filter when no pair qualifies as a guide, a fine-tuned
+encoder's pooler). Rank 0 alone evaluates, decides early stopping and broadcasts the decision,
+and writes the checkpoint, metrics, dvclive logs, plots and what the model learned
+(`pipeline.interpret`).
 
 `train_model` reads top to bottom: `setup` (process group, seeds, data, model), `fit` (the
 epoch loop, keeping the best state), then `evaluate` and `write_outputs` on rank 0.
@@ -33,7 +37,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from . import plots, schema
+from . import interpret, plots, schema
 from .dataset import AssembledData
 from .metrics import classification_metrics, regression_metrics, score_classes
 from .models import build_model, modalities_read
@@ -64,6 +68,8 @@ class TrainParams:
     launch: str = param("python", Check(lambda v: _LAUNCH.fullmatch(v.strip()) is not None,
                                         "python, or torchrun with --flags, e.g. 'torchrun --nproc_per_node 4'"),
                         "how dvc.yaml starts training")
+    threads: int = param(1, ge(0), "CPU threads per process (torch intra-op), fixed so CPU results do not depend on "
+                                   "the machine's core count; 0 = torch's default (machine-dependent)")
 
     def __post_init__(self):
         unknown = [m for m in self.modalities if m not in schema.REGISTRY]
@@ -71,8 +77,16 @@ class TrainParams:
             raise fail("modalities", self.modalities, f"a non-empty list of {', '.join(schema.names())}")
 
 
-class NonFiniteLoss(RuntimeError):
-    """A NaN or infinite loss: training stops, the last good checkpoint stays on disk."""
+class TrainingFailed(RuntimeError):
+    """Training stopped without a usable result; the message says why and what is on disk."""
+
+
+class NonFiniteLoss(TrainingFailed):
+    """A NaN or infinite loss or gradient norm: training stops before the step is applied."""
+
+
+class NoCheckpoint(TrainingFailed):
+    """Validation never gave a finite score, so no checkpoint was chosen."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -118,15 +132,22 @@ def _to(batch: dict, device: torch.device) -> dict:
 
 
 @torch.no_grad()
-def predict_rows(model, data: AssembledData, rows: np.ndarray, device, batch_size: int, finetune: bool) -> np.ndarray:
+def predict_rows(model, data: AssembledData, rows: np.ndarray, device, batch_size: int, finetune: bool,
+                 with_extras: bool = False):
+    """The model's outputs (eval mode) for these rows: (N,) scores or (N, C) logits; with_extras, also what
+    the model saw (`interpret.combine`: per-sample extras concatenated, stats summed)."""
     model.eval()
-    outs = []
+    outs, extras = [], []
     for start in range(0, len(rows), batch_size):
         batch = _to(data.batch(rows[start:start + batch_size], with_token_ids=finetune), device)
         batch.pop("label")
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            outs.append(model(batch)["pred"].float().cpu())
-    return torch.cat(outs).numpy() if outs else np.zeros(0)
+            out = model(batch)
+        outs.append(out["pred"].float().cpu())
+        if with_extras:
+            extras.append(out.get("extras", {}))
+    pred = torch.cat(outs).numpy() if outs else np.zeros(0)
+    return (pred, interpret.combine(extras)) if with_extras else pred
 
 
 def _select_score(task: str, pred: np.ndarray, labels: np.ndarray) -> float:
@@ -173,6 +194,8 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     rows: dict[str, np.ndarray] = field(default_factory=dict)  # split -> dataset rows
     text_encoder: str | None = None
+    saved: dict = field(default_factory=dict)  # rank 0: epoch and score of the checkpoint this run wrote last
+    owns_group: bool = False  # this run started the process group, and ends it
 
     @property
     def main(self) -> bool:
@@ -191,20 +214,25 @@ class Run:
                             self.cfg.text_finetune)
 
 
-def _init_process(cfg: TrainParams) -> tuple[torch.device, int, int]:
-    """Device, rank and world size; joins the process group under torchrun; seeds."""
+def _init_process(cfg: TrainParams) -> tuple[torch.device, int, int, bool]:
+    """Device, rank, world size and whether this run started the process group (it joins one under
+    torchrun, unless its caller already did: a job training several models keeps one group); seeds."""
     rank, local_rank, world = _dist_info()
     device = resolve_device(cfg.device)
+    owns_group = world > 1 and not dist.is_initialized()
     if world > 1:
         if device.type == "cuda":
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if owns_group:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if cfg.threads:  # CPU results depend on the thread count (reduction order): fix it
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
-    return device, rank, world
+    return device, rank, world, owns_group
 
 
 def _build_model(name: str, data: AssembledData, cfg: TrainParams, arch: dict) -> tuple[torch.nn.Module, str | None]:
@@ -221,7 +249,7 @@ def _build_model(name: str, data: AssembledData, cfg: TrainParams, arch: dict) -
 
 def setup(name: str, data_dir: str | Path, cfg: TrainParams, arch: dict) -> Run:
     """Process group, seeds, the data this model reads, the model, its optimiser and the batches."""
-    device, rank, world = _init_process(cfg)
+    device, rank, world, owns_group = _init_process(cfg)
     wanted = modalities_read(name, cfg.modalities)
     data = AssembledData(data_dir, modalities=wanted)
     if not data.modalities:
@@ -244,10 +272,11 @@ def setup(name: str, data_dir: str | Path, cfg: TrainParams, arch: dict) -> Run:
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.epochs * len(loader), cfg.warmup))
     trainable = model
-    if world > 1:
-        trainable = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if world > 1:  # a step may leave parameters unused (module docstring): DDP must look for them
+        trainable = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
     run = Run(name, cfg, arch, device, rank, world, data, model, trainable, sampler, loader, optimizer, scheduler,
-              rows, text_encoder)
+              rows, text_encoder, owns_group=owns_group)
     dropped = sorted(set(wanted) - set(data.modalities))
     if dropped:
         run.log(f"{name}: no {', '.join(dropped)} features in this dataset ({data.meta.get('skipped')}); training on "
@@ -257,11 +286,29 @@ def setup(name: str, data_dir: str | Path, cfg: TrainParams, arch: dict) -> Run:
     return run
 
 
+def _global_sum(run: Run, values: torch.Tensor) -> torch.Tensor:
+    """Sums over all ranks (one all_reduce); a NaN on any rank reaches every rank."""
+    if run.world > 1:
+        values = values.to(run.device)
+        dist.all_reduce(values)
+    return values.cpu()
+
+
+def _from_main(run: Run, *values: float) -> list[float]:
+    """Rank 0's values on every rank: a decision is taken once and followed everywhere."""
+    if run.world == 1:
+        return list(values)
+    flags = torch.tensor(values, dtype=torch.float64, device=run.device)
+    dist.broadcast(flags, 0)
+    return flags.tolist()
+
+
 def train_epoch(run: Run, epoch: int, progress: bool, checkpoint_path: Path) -> dict:
-    """One pass over the training batches -> {train_loss (task), train_total (task + auxiliary)}."""
+    """One pass over the training batches -> {train_loss (task), train_total (task + auxiliary), stats},
+    the losses over the global batch, stats the models' per-batch sums (`extras["stats"]`) added up."""
     run.sampler.set_epoch(epoch)
     run.trainable.train()
-    running, running_total, seen = 0.0, 0.0, 0
+    sums, stats = torch.zeros(3, dtype=torch.float64), {}  # task loss x n, total loss x n, n
     show = progress and run.main and sys.stderr.isatty()  # piped logs get the per-epoch line only
     bar = tqdm(run.loader, desc=f"{run.name} epoch {epoch}/{run.cfg.epochs}", leave=False, disable=not show)
     for step, batch in enumerate(bar, 1):
@@ -272,23 +319,25 @@ def train_epoch(run: Run, epoch: int, progress: bool, checkpoint_path: Path) -> 
         loss = main_loss + sum(out.get("aux", {}).values())
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        # DDP has averaged the gradients: a non-finite norm is seen by every rank alike.
+        # DDP has averaged the gradients, and the losses are summed over ranks: every rank sees the same
         grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip)
-        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-            raise NonFiniteLoss(f"{run.name}: non-finite loss ({loss.item()}) at epoch {epoch}, batch {step}; "
-                                f"stopped, the last good checkpoint ({checkpoint_path}) is kept")
+        n = len(batch["label"])
+        step_sums = _global_sum(run, torch.tensor([main_loss.item() * n, loss.item() * n, n], dtype=torch.float64))
+        if not (torch.isfinite(step_sums).all() and torch.isfinite(grad_norm)):
+            raise _non_finite(run, epoch, step, float(step_sums[1] / step_sums[2]), float(grad_norm), checkpoint_path)
         run.optimizer.step()
         run.scheduler.step()
-        running += main_loss.item() * len(batch["label"])
-        running_total += loss.item() * len(batch["label"])
-        seen += len(batch["label"])
-        bar.set_postfix(loss=f"{running / seen:.4f}", total=f"{running_total / seen:.4f}")
-    return {"train_loss": running / max(seen, 1), "train_total": running_total / max(seen, 1)}
+        sums += step_sums
+        interpret.add_stats(stats, out.get("extras", {}).get("stats"))
+        bar.set_postfix(loss=f"{sums[0] / sums[2]:.4f}", total=f"{sums[1] / sums[2]:.4f}")
+    seen = max(float(sums[2]), 1.0)
+    return {"train_loss": float(sums[0]) / seen, "train_total": float(sums[1]) / seen, "stats": stats}
 
 
 def fit(run: Run, out_dir: Path, progress: bool) -> tuple[list[dict], dict]:
-    """Epochs until `epochs` or `patience` without improvement; the best state is kept in memory and
-    saved as model.pt on rank 0 whenever it improves. Returns (history, best)."""
+    """Epochs until `epochs` or `patience` without improvement. Rank 0 evaluates, keeps the best state in
+    memory, saves it as model.pt whenever it improves, and decides when to stop; every rank follows.
+    Returns (history, best); raises NoCheckpoint when validation was never finite."""
     live = None
     if run.main:
         (out_dir / "plots").mkdir(parents=True, exist_ok=True)
@@ -299,30 +348,81 @@ def fit(run: Run, out_dir: Path, progress: bool) -> tuple[list[dict], dict]:
     history: list[dict] = []
     for epoch in range(1, run.cfg.epochs + 1):
         record = {"epoch": epoch, **train_epoch(run, epoch, progress, checkpoint_path)}
-        valid_pred = run.predict("valid")
-        valid_labels = run.data.labels[run.rows["valid"]]
-        record["valid_loss"] = record["select"] = _select_score(run.data.task, valid_pred, valid_labels)
-        if run.data.task == "regression":
-            record["valid_corr"] = regression_metrics(valid_pred, valid_labels)["corr"] or 0.0
         history.append(record)
-        improved = record["select"] < best["select"] - 1e-6
-        if improved:
-            best = {"select": record["select"], "epoch": epoch, "state": copy.deepcopy(run.model.state_dict())}
+        stop = False
         if run.main:
+            valid_pred = run.predict("valid")
+            valid_labels = run.data.labels[run.rows["valid"]]
+            record["valid_loss"] = record["select"] = _select_score(run.data.task, valid_pred, valid_labels)
+            if run.data.task == "regression":
+                record["valid_corr"] = regression_metrics(valid_pred, valid_labels)["corr"] or 0.0
+            improved = record["select"] < best["select"] - 1e-6  # a NaN score never improves
+            if improved:
+                best = {"select": record["select"], "epoch": epoch, "state": copy.deepcopy(run.model.state_dict())}
+                _save_atomic(checkpoint(run, epoch), checkpoint_path)
+                run.saved = {"epoch": epoch, "select": record["select"]}
             for key, value in record.items():
-                if key not in ("epoch", "select"):
+                if key not in ("epoch", "select", "stats"):
                     live.log_metric(key.replace("_", "/", 1), value)
             live.next_step()
             run.log(f"{run.name} epoch {epoch:3d}/{run.cfg.epochs}: train loss {record['train_loss']:.4f}, "
                     f"valid loss {record['valid_loss']:.4f}" + (" *" if improved else ""))
-            if improved:
-                _save_atomic(checkpoint(run, epoch), checkpoint_path)
-        if epoch - best["epoch"] >= run.cfg.patience:
-            run.log(f"{run.name}: early stop after epoch {epoch} (best epoch {best['epoch']})")
+            stop = epoch - best["epoch"] >= run.cfg.patience
+            if stop:
+                run.log(f"{run.name}: early stop after epoch {epoch} (best epoch {best['epoch']})")
+        if _from_main(run, float(stop))[0]:
             break
     if live is not None:
         live.end()
+    (best_epoch,) = _from_main(run, float(best["epoch"]))
+    if not best_epoch:
+        first = history[0].get("select", math.nan)
+        raise NoCheckpoint(f"{run.name}: validation loss was never finite ({len(history)} epochs, epoch 1: {first}): "
+                           f"the model's validation predictions are NaN or infinite, so no checkpoint was chosen and "
+                           f"none was written. {_on_disk(checkpoint_path, run.saved)}")
     return history, best
+
+
+def _non_finite(run: Run, epoch: int, step: int, loss: float, grad_norm: float, path: Path) -> NonFiniteLoss:
+    what = (f"non-finite loss ({loss:.4g})" if not math.isfinite(loss)
+            else f"non-finite gradient norm ({grad_norm:.4g}) with a finite loss ({loss:.4g})")
+    return NonFiniteLoss(f"{run.name}: {what} at epoch {epoch}, batch {step}; stopped before applying the step. "
+                         + _on_disk(path, run.saved))
+
+
+def _on_disk(path: Path, saved: dict) -> str:
+    """What a failed run leaves at `path`, truthfully, and the one command that restores the last committed model.
+    (`dvc repro` deletes a stage's outputs before running it, and records nothing when the stage fails.)"""
+    if saved:
+        here = (f"{path} holds this run's best checkpoint (epoch {saved['epoch']}, valid loss {saved['select']:.4f}); "
+                f"DVC does not record it and the next `dvc repro` deletes it. metrics.json was not written.")
+    elif path.exists():
+        here = f"{path} is from an earlier run: this one wrote no checkpoint."
+    else:
+        here = f"No checkpoint is on disk: this run wrote none, and dvc repro removed the previous {path} before it ran."
+    recorded = _recorded_in_dvc_lock(path)
+    if recorded:
+        return f"{here} The last committed model is in DVC's cache: `dvc checkout {recorded}` restores it."
+    return f"{here} dvc.lock records no earlier {path}, so DVC has none to restore."
+
+
+def _recorded_in_dvc_lock(path: Path) -> str | None:
+    """`path` as dvc.lock (in the working directory, where DVC runs stages) names it among a stage's outputs."""
+    import yaml
+
+    lock = Path("dvc.lock")
+    if not lock.is_file():
+        return None
+    try:
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    except yaml.YAMLError:
+        return None
+    wanted = Path(path).resolve()
+    for stage in stages.values():
+        for out in stage.get("outs", []):
+            if (Path(out.get("path", "")).resolve() == wanted) and out.get("md5"):
+                return out["path"]
+    return None
 
 
 def evaluate(run: Run) -> tuple[dict, dict[str, np.ndarray]]:
@@ -341,22 +441,43 @@ def evaluate(run: Run) -> tuple[dict, dict[str, np.ndarray]]:
 
 def train_model(name: str, data_dir: str | Path, out_dir: str | Path, cfg: TrainParams | dict, arch: dict | None = None,
                 progress: bool = True) -> dict:
-    """Train `name` (a key of pipeline.models.MODELS); write model.pt, metrics.json, plots/ on rank 0."""
+    """Train `name` (a key of pipeline.models.MODELS); rank 0 writes model.pt, metrics.json, plots/ and
+    what the model learned (interpret.json, interpret/); every rank returns the test result."""
     cfg = parse(TrainParams, cfg, "model")
     out_dir = Path(out_dir)
     started = time.time()
     run = setup(name, data_dir, cfg, dict(arch or {}))
-    history, best = fit(run, out_dir, progress)
-    run.model.load_state_dict(best["state"])
-    result, preds = evaluate(run)
-    # metrics.json holds no wall time: same params and seed must give an identical file
-    result.update(best_epoch=best["epoch"], epochs_run=len(history), params=sum(p.numel() for p in run.model.parameters()))
-    run.log(f"{name}: trained {len(history)} epochs in {time.time() - started:.1f} s, best epoch {best['epoch']}")
-    if run.main:
-        write_outputs(run, out_dir, history, result, preds["test"])
-    if run.world > 1:
-        dist.destroy_process_group()
+    try:
+        history, best = fit(run, out_dir, progress)
+        result = None
+        if run.main:
+            run.model.load_state_dict(best["state"])
+            result, preds = evaluate(run)
+            # metrics.json holds no wall time: same params and seed must give an identical file
+            result.update(best_epoch=best["epoch"], epochs_run=len(history),
+                          params=sum(p.numel() for p in run.model.parameters()))
+            run.log(f"{name}: trained {len(history)} epochs in {time.time() - started:.1f} s, best epoch {best['epoch']}")
+            write_outputs(run, out_dir, history, result, preds["test"])
+            write_interpretation(run, out_dir, history)
+        if run.world > 1:
+            shared = [result]
+            dist.broadcast_object_list(shared, src=0)
+            result = shared[0]
+    finally:
+        if run.owns_group:
+            dist.destroy_process_group()
     return result
+
+
+def write_interpretation(run: Run, out_dir: Path, history: list[dict]) -> None:
+    """interpret.json and interpret/ (JSON tables + PNG): what the model saw during training (per epoch)
+    and on the test split (per sample), as `pipeline.interpret` reads it for this model."""
+    rows = run.rows["test"]
+    _, extras = predict_rows(run.model, run.data, rows, run.device, run.cfg.eval_batch_size, run.cfg.text_finetune,
+                             with_extras=True)
+    classes = run.data.meta["classes"] if run.data.task == "classification" else None
+    interpret.write(run.name, getattr(run.model, "fusion", run.model), out_dir, [h["stats"] for h in history], extras,
+                    run.data.labels[rows], run.data.index["id"].to_numpy()[rows], classes, run.data.conventions["metrics"])
 
 
 # --------------------------------------------------------------------------- outputs

@@ -7,12 +7,13 @@ Reads the dataset folder and params `model` (shared) + `<model>` (its architectu
 <out>/model.pt, metrics.json, plots/ and live/ (dvclive).
 """
 import argparse
+import os
 import sys
 
 from pipeline import params
 from pipeline.errors import guarded, require
 from pipeline.models import MODELS
-from pipeline.train import NonFiniteLoss, TrainParams, train_model
+from pipeline.train import TrainingFailed, TrainParams, train_model
 
 
 def main(name: str, dataset: str, out: str) -> int:
@@ -22,11 +23,13 @@ def main(name: str, dataset: str, out: str) -> int:
     require(dataset, "assemble")
     try:
         result = train_model(name, dataset, out, cfg, params.as_dict(arch))
-    except NonFiniteLoss as err:
-        print(f"train: {err}", file=sys.stderr)
+    except TrainingFailed as err:  # a non-finite loss or gradient, or no finite validation score
+        if os.environ.get("RANK", "0") == "0":  # every rank stops; rank 0 knows what is on disk
+            print(f"train: {err}", file=sys.stderr)
         return 1
     test = result["test"]
-    print(f"{name}: test " + ", ".join(f"{k} {v:.4f}" for k, v in test.items() if v is not None))
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{name}: test " + ", ".join(f"{k} {v:.4f}" for k, v in test.items() if v is not None))
     return 0
 
 

@@ -84,6 +84,9 @@ BAD = [  # (section override, expected message): one per class of invalid value
     ("assemble.max_steps.text=-2", "assemble.max_steps.text: -2 is not allowed (>= 0)"),
     ("compute.backend=spark", "compute.backend: 'spark' is not allowed (local | dask)"),
     ("gexsent.top_k=20", "gexsent.top_k: 20 is not allowed (<= n_experts (10))"),
+    ("gexsent.variant=paper", "gexsent.variant: 'paper' is not allowed (reference | improved)"),
+    ("gexsent.ablate=[attention]", "gexsent.ablate[0]: 'attention' is not allowed (experts | modality_gate | gated_attention)"),
+    ("model.threads=-1", "model.threads: -1 is not allowed (>= 0)"),
 ]
 STAGE_OF = {"features.visual": "visual", "features.text": "text", "features.acoustic": "acoustic",
             "model": "train", "assemble": "assemble", "compute": "visual", "gexsent": "train"}

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import doctest
 import itertools
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import pipeline.models.baselines
 import pipeline.models.gce
@@ -13,14 +15,17 @@ import pipeline.models.gexsent
 from pipeline.errors import ParamError
 from pipeline.models import MODELS, build_model
 from pipeline.models.blocks import (
+    ContrastiveAlignment,
     GatedSelfAttention,
     MixtureOfExperts,
+    MLPHead,
+    symmetric_cross_entropy,
     info_nce,
     load_balance_loss,
     route_top_k,
     task_loss,
 )
-from pipeline.models.gce import RelationFilter, grade_pairs, gram
+from pipeline.models.gce import RelationFilter, grade_pairs, gram, relation_loss
 
 DIMS = {"text": 12, "visual": 10, "acoustic": 6}
 MAX_LEN = {"text": 6, "visual": 4, "acoustic": 7}
@@ -33,6 +38,7 @@ SMALL = {  # tiny configs: every test runs in well under a second per model
     "late_fusion": dict(head_hidden=16, dropout=0.0),
 }
 ALL_MODELS = sorted(MODELS)
+ALL_VARIANTS = ALL_MODELS + ["gce:reference", "gexsent:reference"]  # "<model>:<variant>" for make_model
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -44,9 +50,21 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def small_config(name, **overrides):
+    """SMALL[name] with overrides; under variant reference without the params only `improved` has."""
+    config = {**SMALL[name], **overrides}
+    if name == "gexsent" and config.get("variant") == "reference":
+        config = {k: v for k, v in config.items() if k not in pipeline.models.gexsent.IMPROVED_ONLY}
+    return config
+
+
 def make_model(name, dims=DIMS, task="regression", num_classes=1, **overrides):
+    """A tiny model; name may be "<model>:<variant>"."""
+    name, _, variant = name.partition(":")
+    if variant:
+        overrides["variant"] = variant
     torch.manual_seed(0)
-    return build_model(name, dims, task, num_classes, {**SMALL[name], **overrides})
+    return build_model(name, dims, task, num_classes, small_config(name, **overrides))
 
 
 def make_batch(batch_size, dims=DIMS, seed=0, task="regression", num_classes=3):
@@ -130,9 +148,12 @@ def test_dispatch_and_einsum_routing_agree(top_k):
     for routing in ("dispatch", "einsum"):
         moe.routing = routing
         moe.zero_grad()
-        out, balance, load = moe(x, mask)
+        out, stats, per_sample = moe(x, mask)
+        balance, load = stats.balance_loss(), stats.routed
         (out.square().sum() + balance).backward()
         results[routing] = (out, balance, load, [p.grad.clone() for p in moe.parameters()])
+        # each sample's routing weights sum to its number of real tokens (the k weights sum to 1)
+        torch.testing.assert_close(per_sample.sum(-1), mask.sum(-1).float())
     (out_d, bal_d, load_d, grads_d), (out_e, bal_e, load_e, grads_e) = results["dispatch"], results["einsum"]
     torch.testing.assert_close(out_d, out_e)
     torch.testing.assert_close(bal_d, bal_e)
@@ -143,7 +164,7 @@ def test_dispatch_and_einsum_routing_agree(top_k):
 
 
 # ----------------------------------------------------------------------------- masks and padding
-@pytest.mark.parametrize("name", ALL_MODELS)
+@pytest.mark.parametrize("name", ALL_VARIANTS)
 def test_changing_padded_positions_changes_no_output(name):
     model = make_model(name)
     batch = drop_modality(make_batch(6), "visual", [1])
@@ -170,7 +191,7 @@ def test_padding_scramble_is_visible_without_the_mask():
     assert not torch.allclose(model(unmasked)["pred"], model(scrambled)["pred"])
 
 
-@pytest.mark.parametrize("name", ALL_MODELS)
+@pytest.mark.parametrize("name", ALL_VARIANTS)
 def test_missing_modalities_per_sample(name):
     model = make_model(name)
     batch = make_batch(5)
@@ -222,7 +243,7 @@ def test_gates_of_one_are_plain_attention():
 
 
 def test_reference_softmax_mean_gate_is_constant():
-    model = make_model("gexsent", gate="softmax_mean", n_gate_logits=5).eval()
+    model = make_model("gexsent", variant="reference", n_experts=5).eval()
     gates = model(make_batch(3))["extras"]["token_gates_text"]
     torch.testing.assert_close(gates, torch.full_like(gates, 1 / 5))
 
@@ -273,11 +294,11 @@ def test_relation_weights_lie_in_unit_interval_and_loss_vanishes_for_matching_gr
     assert weights.shape == (6,) and ((weights > 0) & (weights < 1)).all()
 
     rows = cols = torch.ones(6)
-    assert relation(guide, student, rows, cols) > 0
+    assert relation_loss(guide, student, weights, rows, cols) > 0
     # a rescaled guide has the same cosine Gram matrix: nothing to transfer
     torch.testing.assert_close(gram(3 * guide), gram(guide))
-    assert relation(guide, 3 * guide, rows, cols).item() == pytest.approx(0.0, abs=1e-6)
-    assert relation(guide, student, torch.zeros(6), cols) == 0  # no rows taught, no loss
+    assert relation_loss(guide, 3 * guide, weights, rows, cols).item() == pytest.approx(0.0, abs=1e-6)
+    assert relation_loss(guide, student, weights, torch.zeros(6), cols) == 0  # no rows taught, no loss
 
 
 def test_relation_loss_is_the_weighted_gram_difference_over_the_batch():
@@ -286,7 +307,7 @@ def test_relation_loss_is_the_weighted_gram_difference_over_the_batch():
     guide, student = torch.randn(5, 8), torch.randn(5, 8, requires_grad=True)
     weights = relation.weights(guide, student)
     expected = ((gram(student) - gram(guide)) ** 2 * weights[:, None]).sum() / 5
-    loss = relation(guide.requires_grad_(), student, torch.ones(5), torch.ones(5))
+    loss = relation_loss(guide.requires_grad_(), student, weights, torch.ones(5), torch.ones(5))
     torch.testing.assert_close(loss, expected)
     loss.backward()
     assert guide.grad is None and student.grad.abs().sum() > 0  # the guide is detached
@@ -311,7 +332,7 @@ def test_gce_graders_send_no_gradient_into_the_encoders():
 def test_gce_relation_loss_appears_only_with_a_guide():
     model = make_model("gce").train()
     out = model(make_batch(8))
-    assert set(out["aux"]) == {"contrastive", "graders", "relation"}
+    assert set(out["aux"]) == {"contrastive", "graders", "relation", "relation_filter"}
     guides = out["extras"]["guides"]
     assert (out["aux"]["relation"] > 0) == bool(guides.any())
     model.config.grading_ratio = 0.0  # nobody is ever good enough to guide
@@ -337,7 +358,7 @@ def test_gce_with_fewer_modalities(dims, keys):
     batch = make_batch(4, dims)
     out = model(batch)
     assert set(out["aux"]) == keys and out["pred"].shape == (4,)
-    assert model.relation_filter is None
+    assert model.relation_filters is None
     if len(dims) == 1:  # the unimodal path: utterance vector -> summary -> head
         assert len(model.pair_fusion) == 0
         model.eval()
@@ -347,7 +368,7 @@ def test_gce_with_fewer_modalities(dims, keys):
 
 
 # ----------------------------------------------------------------------------- interface
-@pytest.mark.parametrize("name", ALL_MODELS)
+@pytest.mark.parametrize("name", ALL_VARIANTS)
 def test_batch_size_one(name):
     model = make_model(name)
     batch = make_batch(1)
@@ -362,7 +383,7 @@ def test_batch_size_one(name):
     assert model(single)["pred"].shape == (1,)
 
 
-@pytest.mark.parametrize("name", ALL_MODELS)
+@pytest.mark.parametrize("name", ALL_VARIANTS)
 def test_classification_gives_logits(name):
     model = make_model(name, task="classification", num_classes=3).train()
     batch = make_batch(4, task="classification", num_classes=3)
@@ -371,7 +392,7 @@ def test_classification_gives_logits(name):
     total_loss(out, batch, "classification").backward()
 
 
-@pytest.mark.parametrize("name", ALL_MODELS)
+@pytest.mark.parametrize("name", ALL_VARIANTS)
 def test_bfloat16_autocast(name):
     model = make_model(name).train()
     batch = make_batch(4)
@@ -395,7 +416,7 @@ def test_config_errors_are_clear():
         build_model("gce", {"audio": 4}, "regression", 1, {})
 
 
-@pytest.mark.parametrize("name", ALL_MODELS)
+@pytest.mark.parametrize("name", ALL_VARIANTS)
 def test_overfits_a_small_fixed_batch(name):
     model = make_model(name).train()
     batch = make_batch(16, seed=3)
@@ -429,3 +450,172 @@ def test_parameter_counts_at_default_sizes(capsys):
             print(f"  {name:12s} {counts[name, 3]:>10,d} | {counts[name, 1]:>10,d}")
     assert counts["text_only", 3] == counts["text_only", 1]  # ignores the other modalities
     assert all(counts[name, 3] > counts[name, 1] for name in ("gexsent", "gce", "late_fusion"))
+
+
+# ----------------------------------------------------------------------------- variants: the reference as published
+def test_reference_contrastive_scaling_is_the_published_one():
+    """GCE's Clip: a projected then normalised, b normalised then projected (not renormalised), logits x log(1/T)."""
+    torch.manual_seed(0)
+    a, b = torch.randn(6, 5), torch.randn(6, 4)
+    ours = ContrastiveAlignment(5, 4, 3, 0.07, learnable_temperature=False)
+    reference = ContrastiveAlignment(5, 4, 3, 0.07, learnable_temperature=False, reference=True)
+    reference.load_state_dict(ours.state_dict())
+    every = torch.ones(6, dtype=torch.bool)
+    pa, pb = F.normalize(ours.proj_a(a), dim=-1), ours.proj_b(F.normalize(b, dim=-1))
+    torch.testing.assert_close(reference(a, b, every), symmetric_cross_entropy(math.log(1 / 0.07) * pa @ pb.t()))
+    both = F.normalize(ours.proj_b(b), dim=-1)
+    torch.testing.assert_close(ours(a, b, every), symmetric_cross_entropy(pa @ both.t() / 0.07))
+
+
+def test_gce_variants_build_their_components():
+    reference, improved = make_model("gce:reference", encoder_ff_dim=0), make_model("gce", encoder_ff_dim=0)
+    assert isinstance(reference.head, pipeline.models.gce.ReferenceHead) and isinstance(improved.head, MLPHead)
+    assert reference.config.pool() == "first" and improved.config.pool() == "mean"
+    assert reference.config.ff_dim("visual") == 2048 and improved.config.ff_dim("visual") == 4 * 8
+    assert reference.contrastive["text_visual"].reference and not improved.contrastive["text_visual"].reference
+    assert reference.relation_filters[0].alpha == 0.125 and improved.relation_filters[0].alpha == 1.0
+    assert len(set(map(id, reference.relation_filters))) == 1 and len(set(map(id, improved.relation_filters))) == 6
+    with pytest.raises(ParamError, match=r"^gce\.learnable_temperature: true is not allowed \(false with variant reference"):
+        build_model("gce", DIMS, "regression", 1, {"variant": "reference", "learnable_temperature": True})
+    with pytest.raises(ParamError, match=r"^gexsent\.head_hidden: 16 is not allowed \(64 with variant reference"):
+        build_model("gexsent", DIMS, "regression", 1, {"variant": "reference", "head_hidden": 16})
+
+
+def test_reference_relation_filter_learns_from_the_relation_loss_and_ours_from_the_graders():
+    batch = make_batch(8)
+    for name, filter_gets_relation_gradient in (("gce:reference", True), ("gce", False)):
+        model = make_model(name, grading_ratio=10.0).train()  # every pair qualifies: the relation loss fires
+        out = model(batch)
+        model.zero_grad()
+        out["aux"]["relation"].backward(retain_graph=True)
+        got = any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.relation_filters.parameters())
+        assert got == filter_gets_relation_gradient, name
+        if "relation_filter" in out["aux"]:  # ours: trained by its own loss, on detached inputs
+            model.zero_grad()
+            out["aux"]["relation_filter"].backward()
+            assert all(p.grad.abs().sum() > 0 for p in model.relation_filters.parameters())
+            assert all(p.grad is None for p in model.pair_fusion.parameters())
+
+
+def test_improved_relation_filter_learns_where_the_guide_is_better():
+    """Trained on its own loss, w separates samples where the guide pair's grader beats the student's."""
+    torch.manual_seed(0)
+    model = make_model("gce", grading_ratio=0.7).train()
+    optimizer = torch.optim.Adam(model.relation_filters.parameters(), lr=0.05)
+    reprs = {n: torch.randn(64, 8) for n in model.pair_names}
+    errors = torch.stack([(reprs[n][:, 0] > 0).float() for n in model.pair_names])  # pair p errs where dim 0 > 0
+    valid = torch.ones(3, 64, dtype=torch.bool)
+    for _ in range(200):
+        _, loss = model.relation_weights(reprs, valid, errors)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    weights, _ = model.relation_weights(reprs, valid, errors)
+    g, s = model.ordered_pairs[0]
+    better = (errors[g] < 0.7 * errors[s])  # the guide is right and the student wrong
+    assert weights[0][better].mean() - weights[0][~better].mean() > 0.5, (weights[0][better], weights[0][~better])
+
+
+def test_reference_gexsent_linear_experts_use_raw_top2_probabilities():
+    torch.manual_seed(0)
+    experts = pipeline.models.gexsent.LinearExperts(in_dim=6, out_dim=4, n_experts=5, top_k=2)
+    x, mask = torch.randn(2, 3, 6), torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    out, stats, _ = experts(x, mask)
+    tokens = x[mask]
+    probs = experts.router(tokens).softmax(-1)
+    top, chosen = probs.topk(2, dim=-1)
+    each = experts.experts(tokens).reshape(len(tokens), 5, 4)
+    expected = (top[..., None] * each[torch.arange(len(tokens))[:, None], chosen]).sum(1)  # not renormalised
+    torch.testing.assert_close(out[mask], expected)
+    assert out[~mask].abs().sum() == 0 and stats.routed.sum() == 2 * mask.sum()
+    model = make_model("gexsent:reference")
+    assert set(model(make_batch(3))["aux"]) == set()  # no balance loss in the reference
+
+
+def test_reference_gexsent_weighs_modalities_by_token_count():
+    model = make_model("gexsent:reference").eval()
+    batch = make_batch(4)
+    counts = torch.stack([batch[f"{m}_mask"].sum(-1) for m in DIMS], -1).float()
+    torch.testing.assert_close(model(batch)["extras"]["modality_weights"], counts / counts.sum(-1, keepdim=True))
+
+
+# ----------------------------------------------------------------------------- ablation switches
+def shared_weights(full, ablated):
+    """Copy the full model's weights into the ablated one (which lacks the ablated parameters)."""
+    missing, unexpected = ablated.load_state_dict(full.state_dict(), strict=False)
+    assert not missing, missing
+    return unexpected
+
+
+def test_gce_ablate_contrastive_removes_only_the_infonce_loss():
+    full, ablated = make_model("gce").train(), make_model("gce", ablate=["contrastive"]).train()
+    assert all(k.startswith("contrastive.") for k in shared_weights(full, ablated))
+    batch = make_batch(6)
+    out_full, out = full(batch), ablated(batch)
+    assert "contrastive" in out_full["aux"] and "contrastive" not in out["aux"]
+    torch.testing.assert_close(out["pred"], out_full["pred"])
+    torch.testing.assert_close(out["aux"]["graders"], out_full["aux"]["graders"])
+
+
+def test_gce_ablate_relation_removes_the_relation_loss_and_filter():
+    model = make_model("gce", ablate=["relation"]).train()
+    out = model(make_batch(6))
+    assert model.relation_filters is None and set(out["aux"]) == {"contrastive", "graders"}
+
+
+def test_gce_ablate_grading_lets_every_pair_teach_every_other():
+    batch = drop_modality(make_batch(6), "visual", [0])
+    model = make_model("gce", ablate=["grading"]).train()
+    model.config.grading_ratio = 0.0  # grading would let nobody guide
+    guides = model(batch)["extras"]["guides"]  # (P, P, B)
+    valid = torch.stack([batch[f"{a}_mask"].any(-1) & batch[f"{b}_mask"].any(-1) for a, b in model.pairs])
+    expected = valid[:, None] & valid[None, :] & ~torch.eye(3, dtype=torch.bool)[..., None]
+    assert torch.equal(guides, expected) and guides.any()
+    graded = make_model("gce").train()
+    graded.config.grading_ratio = 0.0
+    assert not graded(batch)["extras"]["guides"].any()
+
+
+def test_gce_ablate_graders_removes_the_graders_and_runs_the_transfer_ungraded_and_unweighted():
+    model = make_model("gce", ablate=["graders"]).train()
+    out = model(make_batch(6))
+    assert len(model.unimodal_graders) == len(model.pair_graders) == 0 and model.relation_filters is None
+    assert "graders" not in out["aux"] and out["aux"]["relation"] > 0
+    assert torch.equal(out["extras"]["relation_weights"], torch.ones_like(out["extras"]["relation_weights"]))
+    reference = make_model("gce:reference", ablate=["graders"]).train()  # its filter needs no graders
+    assert reference.relation_filters is not None and "relation" in reference(make_batch(6))["aux"]
+
+
+def test_gexsent_ablate_experts_uses_a_dense_ffn_as_wide_as_the_routed_experts():
+    model = make_model("gexsent", ablate=["experts"]).train()
+    ffn = model.experts["text"]
+    assert isinstance(ffn, torch.nn.Sequential) and ffn[0].out_features == 2 * 16  # top_k x expert_hidden
+    out = model(make_batch(4))
+    assert "balance" not in out["aux"] and not any(isinstance(m, MixtureOfExperts) for m in model.modules())
+    assert not any(k.startswith("expert_weight_") for k in out["extras"])
+
+
+def test_gexsent_ablate_modality_gate_weighs_present_modalities_equally():
+    full, ablated = make_model("gexsent").eval(), make_model("gexsent", ablate=["modality_gate"]).eval()
+    shared_weights(full, ablated)
+    batch = drop_modality(make_batch(4), "visual", [1])
+    weights = ablated(batch)["extras"]["modality_weights"]
+    torch.testing.assert_close(weights[0], torch.full((3,), 1 / 3))
+    torch.testing.assert_close(weights[1], torch.tensor([0.5, 0.0, 0.5]))
+    for gate in full.modality_gate.values():  # a gate with zero logits is the ablated computation
+        torch.nn.init.zeros_(gate.weight), torch.nn.init.zeros_(gate.bias)
+    torch.testing.assert_close(ablated(batch)["pred"], full(batch)["pred"])
+
+
+def test_gexsent_ablate_gated_attention_pools_the_self_attention_output():
+    full, ablated = make_model("gexsent").eval(), make_model("gexsent", ablate=["gated_attention"]).eval()
+    unexpected = shared_weights(full, ablated)
+    assert unexpected and all(k.startswith(("cross_gates.", "gated_attention.")) for k in unexpected)
+    for m in full.modalities:  # the full model with gated attention bypassed computes the same
+        full.gated_attention[m].forward = lambda x, mask, gates: x
+    batch = make_batch(4)
+    out = ablated(batch)
+    torch.testing.assert_close(out["pred"], full(batch)["pred"])
+    assert not any(k.startswith("token_gates_") for k in out["extras"])
+    reference = make_model("gexsent:reference", ablate=["gated_attention"])
+    assert reference.gated_attention is None and len(reference.cross_gates) == 0

@@ -186,3 +186,6 @@ def test_predict_audio_only_and_text_only_notes(project, tmp_path, monkeypatch, 
     assert main([str(clip), "--text", "the movie was good", "--model", str(work / "models" / "text_only")]) == 0
     out = capsys.readouterr().out
     assert "note: text_only reads text only: the clip's media is unused" in out and "[text_only, from text]" in out
+    assert main([str(clip), "--text", "the movie was good", "--model", str(work / "models" / "gexsent"), "--explain"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"modality shares: text \d\.\d\d, visual \d\.\d\d, acoustic \d\.\d\d", out) and "top experts (visual)" in out

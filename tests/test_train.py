@@ -8,7 +8,9 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import write_fake_features
+import yaml
+
+from conftest import REPO, write_fake_features
 from pipeline import train as train_mod
 from pipeline.dataset import AssembledData, AssembleParams, assemble
 from pipeline.metrics import classification_metrics, regression_metrics
@@ -79,12 +81,45 @@ def test_train_writes_outputs_and_round_trips(dataset, tmp_path, name):
     assert {"mae", "corr", "acc2_has0", "acc2_non0", "f1_has0", "f1_non0", "acc5", "acc7"} <= set(saved["test"])
     for png in ("loss.png", "scatter.png", "confusion.png"):
         assert (tmp_path / name / "plots" / png).stat().st_size > 1000
+    assert (tmp_path / name / "interpret" / f"{name}.png").stat().st_size > 1000
+    summary = json.loads((tmp_path / name / "interpret" / "summary.json").read_text())
+    headline = json.loads((tmp_path / name / "interpret.json").read_text())  # what dvc metrics show lists
+    assert 0 < len(pd.json_normalize(headline).columns) <= 6
+    declared = yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"]  # what `dvc plots` reads for this model
+    for entry in declared:
+        path = entry if isinstance(entry, str) else next(iter(entry))
+        if path.startswith(f"models/{name}/"):
+            assert (tmp_path / name / path.split("/", 2)[2]).is_file(), path
+    if name == "gexsent":
+        table = json.loads((tmp_path / name / "interpret" / "expert_utilisation.json").read_text())
+        for m in ("text", "visual", "acoustic"):
+            assert sum(row[m] for row in table) == pytest.approx(1.0) and 0 < summary["expert_entropy"][m] <= 1
+        shares = json.loads((tmp_path / name / "interpret" / "modality_shares.json").read_text())
+        assert len(shares) == len(AssembledData(dataset).split_rows("test"))
+        assert all(sum(row[m] for m in ("text", "visual", "acoustic")) == pytest.approx(1.0) for row in shares)
+        assert sum(c["n"] for c in summary["modality_share_by_class"].values()) == len(shares)
+    if name == "gce":
+        guides = json.loads((tmp_path / name / "interpret" / "guides.json").read_text())
+        assert [row["epoch"] for row in guides] == list(range(1, saved["epochs_run"] + 1))
+        assert set(summary["relation_weight"]) == {f"{g}>{s}" for g in ("text_visual", "text_acoustic", "visual_acoustic")
+                                                   for s in ("text_visual", "text_acoustic", "visual_acoustic") if g != s}
+    if name in ("text_only", "late_fusion"):
+        assert sum(summary["input_weight_share"].values()) == pytest.approx(1.0)
     model, ckpt = load_checkpoint(tmp_path / name / "model.pt")
     assert ckpt["config"]["epoch"] == saved["best_epoch"]
     data = AssembledData(dataset, modalities=["text"] if name == "text_only" else None)
     rows = data.split_rows("test")
     pred = predict_rows(model, data, rows, torch.device("cpu"), 64, False)
     assert np.mean(np.abs(pred - data.labels[rows])) == pytest.approx(saved["test"]["mae"], abs=1e-5)
+
+    from pipeline.interpret import explain
+    from pipeline.predict import forward
+
+    lines = explain(name, model, forward(model, ckpt, data.segment(rows[0])).get("extras", {}))  # what --explain prints
+    expected = {"gexsent": ["modality shares: text ", "top experts (text): #", "top experts (acoustic): #"],
+                "gce": ["graders: text ", "guide pair (relation filter's most trusted): "]}
+    for start in expected.get(name, ["input weight shares: text "]):
+        assert any(line.startswith(start) for line in lines), (start, lines)
 
 
 def test_training_is_deterministic_on_cpu(dataset, tmp_path):
@@ -114,8 +149,10 @@ def test_nan_loss_stops_and_keeps_the_good_checkpoint(dataset, tmp_path, monkeyp
         return model
 
     monkeypatch.setattr(train_mod, "build_model", poisoned)
-    with pytest.raises(NonFiniteLoss, match="epoch 2, batch 3"):
+    with pytest.raises(NonFiniteLoss, match="epoch 2, batch 3") as stopped:
         train_model("text_only", dataset, tmp_path / "m", FAST, {}, progress=False)
+    assert "non-finite loss (nan)" in str(stopped.value)
+    assert f"{tmp_path / 'm' / 'model.pt'} holds this run's best checkpoint (epoch 1" in str(stopped.value)
     ckpt = torch.load(tmp_path / "m" / "model.pt", weights_only=True)
     assert ckpt["config"]["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
@@ -143,3 +180,71 @@ def test_transcript_only_dataset_trains_on_text(tmp_path, capsys):
     result = train_model("gce", root / "dataset", tmp_path / "gce", FAST, {}, progress=False)
     assert result["test"]["mae"] is not None
     assert "training on text only; GCE runs its unimodal path" in capsys.readouterr().out
+
+
+def poison(monkeypatch, change):
+    """Build models whose output or gradients `change(model, out, calls)` alters; returns the call counter."""
+    real_build, calls = train_mod.build_model, {"n": 0}
+
+    def build(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+        forward = model.forward
+
+        def poisoned(batch):
+            calls["n"] += model.training
+            return change(model, forward(batch), calls)
+        model.forward = poisoned
+        return model
+    monkeypatch.setattr(train_mod, "build_model", build)
+    return calls
+
+
+def test_nan_before_any_checkpoint_names_dvc_checkout(dataset, tmp_path, monkeypatch):
+    """Under `dvc repro` the stage's outputs are gone before it runs: the message says so, and names the
+    command that restores the model dvc.lock recorded."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {"train@text_only": {
+        "outs": [{"path": "models/text_only/model.pt", "md5": "0" * 32, "size": 1}]}}}))
+    poison(monkeypatch, lambda model, out, calls: {**out, "pred": out["pred"] * float("nan")} if model.training else out)
+    with pytest.raises(NonFiniteLoss, match="non-finite loss") as stopped:
+        train_model("text_only", dataset, "models/text_only", FAST, {}, progress=False)
+    message = str(stopped.value)
+    assert "No checkpoint is on disk: this run wrote none" in message
+    assert "`dvc checkout models/text_only/model.pt` restores it" in message
+    assert not (tmp_path / "models" / "text_only" / "model.pt").exists()
+
+
+def test_an_infinite_gradient_with_a_finite_loss_is_named_as_such(dataset, tmp_path, monkeypatch):
+    def blow_up_gradients(model, out, calls):
+        if calls["n"] == 2:
+            out["pred"].register_hook(lambda grad: grad * float("inf"))
+        return out
+    poison(monkeypatch, blow_up_gradients)
+    with pytest.raises(NonFiniteLoss, match=r"non-finite gradient norm \((inf|nan)\) with a finite loss") as stopped:
+        train_model("text_only", dataset, tmp_path / "m", FAST, {}, progress=False)
+    assert "epoch 1, batch 2" in str(stopped.value) and "dvc.lock records no earlier" in str(stopped.value)
+
+
+def test_validation_that_is_never_finite_fails_clearly(dataset, tmp_path, monkeypatch, capsys):
+    from pipeline.errors import guarded
+    from stages import train as stage
+
+    poison(monkeypatch, lambda model, out, calls: out if model.training else {**out, "pred": out["pred"] * float("nan")})
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"model": {**FAST, "patience": 2}}))
+    (tmp_path / "features").mkdir()
+    (tmp_path / "features" / "dataset").symlink_to(dataset)
+    assert guarded("train", stage.main, "text_only", "features/dataset", "models/text_only") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("train: text_only: validation loss was never finite (2 epochs, epoch 1: nan)")
+    assert not (tmp_path / "models" / "text_only" / "model.pt").exists()
+
+
+def test_thread_count_is_a_param(dataset, tmp_path):
+    """model.threads decides the CPU thread count, whatever the process had (CPU results depend on it)."""
+    torch.set_num_threads(2)
+    train_model("text_only", dataset, tmp_path / "a", {**FAST, "epochs": 1}, {}, progress=False)
+    assert torch.get_num_threads() == 1  # the default
+    train_model("text_only", dataset, tmp_path / "b", {**FAST, "epochs": 1, "threads": 2}, {}, progress=False)
+    assert torch.get_num_threads() == 2
+    torch.set_num_threads(1)

@@ -457,9 +457,10 @@ def pickle_dag(args) -> int:
 # --------------------------------------------------------------------------- training
 
 def write_synthetic_features(root: Path, segments: int, n_train: int, n_valid: int, dims: dict, steps: dict,
-                             seed: int = 0) -> Path:
+                             seed: int = 0, labels: np.ndarray | None = None, signal: dict | None = None) -> Path:
     """Manifest + one Parquet per modality in the registry's contract (pipeline.schema), random numbers
-    with each modality's dims and mean sequence length (0.5x to 1.5x, uniform)."""
+    with each modality's dims and mean sequence length (0.5x to 1.5x, uniform). Labels are random unless
+    given; signal[m] (segments,) is added to every step of modality m along a fixed random unit direction."""
     import pandas as pd
 
     from pipeline import schema
@@ -470,12 +471,16 @@ def write_synthetic_features(root: Path, segments: int, n_train: int, n_valid: i
     ids = [f"v{i // 20:04d}/{i % 20}" for i in range(segments)]
     split = np.array(["train"] * n_train + ["valid"] * n_valid + ["test"] * (segments - n_train - n_valid))
     pd.DataFrame({"id": ids, "video_id": [i.split("/")[0] for i in ids], "clip_id": [i.split("/")[1] for i in ids],
-                  "split": split, "label": rng.uniform(-3, 3, segments).round(1), "label_name": "",
+                  "split": split, "label": rng.uniform(-3, 3, segments).round(1) if labels is None else labels,
+                  "label_name": "",
                   "text": "x"}).to_parquet(root / "manifest.parquet")
     for name, dim in dims.items():
         m = schema.get(name)
         lengths = rng.integers(max(1, steps[name] // 2), steps[name] * 3 // 2 + 1, segments)
         seqs = [rng.standard_normal((n, dim), dtype=np.float32) for n in lengths]
+        if signal is not None and name in signal:
+            direction = rng.standard_normal(dim).astype(np.float32)
+            seqs = [s + np.float32(c) * direction / np.linalg.norm(direction) for s, c in zip(seqs, signal[name])]
         arrays = {"id": pa.array(ids, pa.string()), m.length: pa.array(lengths.astype(np.int32)),
                   m.sequence: list_array(seqs, np.float16)}
         if m.pooled:

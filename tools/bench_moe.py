@@ -35,8 +35,8 @@ def benchmark_moe_routing(n_tokens: int = 2048, d_model: int = 64, d_hidden: int
         if device != "cpu":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        out, balance, _ = moe(x, mask)
-        (out.square().mean() + balance).backward()
+        out, stats, _ = moe(x, mask)
+        (out.square().mean() + stats.balance_loss()).backward()
         if device != "cpu":
             torch.cuda.synchronize()
         return time.perf_counter() - start
@@ -48,7 +48,7 @@ def benchmark_moe_routing(n_tokens: int = 2048, d_model: int = 64, d_hidden: int
         for routing in times:
             times[routing].append(step(routing))
     with torch.no_grad():
-        _, _, load = moe(x, mask)
+        load = moe(x, mask)[1].routed
     result = {routing: statistics.median(t) for routing, t in times.items()}
     result["einsum_over_dispatch"] = result["einsum"] / result["dispatch"]
     result["busiest_expert_share"] = float(load.max()) / float(load.sum())

@@ -7,13 +7,16 @@ as ``dataset.collate`` builds them from the registry (``batch[m]`` (B, L_m, D_m)
 modalities with a pooled vector; ``batch["label"]`` in training) and returns
 ``{"pred", "aux", "extras"?}``:
 ``pred`` is a (B,) score for regression or (B, C) logits for classification,
-``aux`` holds already-weighted auxiliary losses to add to the task loss.
+``aux`` holds already-weighted auxiliary losses to add to the task loss, ``extras`` what the model
+saw (gates, routings, grading; ``extras["stats"]``: per-batch sums the trainer adds up per epoch).
+A config with ``variant`` may pick another class through the model class's ``variants`` mapping.
 A model class may set ``reads`` (a tuple of modalities) when it uses only some.
 """
 from __future__ import annotations
 
 from torch import nn
 
+from ..params import parse
 from .baselines import LateFusion, TextOnly
 from .gce import GCE
 from .gexsent import GEXSent
@@ -30,7 +33,11 @@ def build_model(name: str, input_dims: dict[str, int], task: str, num_classes: i
     """Build model ``name`` for the modalities in ``input_dims``; ``config`` is its params.yaml section."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
-    return MODELS[name](dict(input_dims), task, num_classes, config or {})
+    cls = MODELS[name]
+    config = parse(cls.config_class, config or {}, name)
+    # a model whose variants are separate classes (GEXSent's reference) names them in `variants`
+    cls = getattr(cls, "variants", {}).get(getattr(config, "variant", None), cls)
+    return cls(dict(input_dims), task, num_classes, config)
 
 
 def modalities_read(name: str, available) -> list[str]:

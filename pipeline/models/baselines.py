@@ -50,6 +50,10 @@ class TextOnly(nn.Module):
         self.task = task
         self.head = MLPHead(input_dims["text"], self.config.head_hidden, out_dim, self.config.dropout)
 
+    def input_shares(self) -> dict[str, float]:
+        """Share of the head's first-layer weight norm per modality (`interpret`): text only."""
+        return {"text": 1.0}
+
     def forward(self, batch: dict) -> dict:
         text = utterance_vector(batch, "text", self.config.text_pool)  # (B, D_text)
         return {"pred": to_prediction(self.head(text), self.task), "aux": {}}
@@ -77,6 +81,18 @@ class LateFusion(nn.Module):
         self.norms = nn.ModuleDict({m: nn.LayerNorm(input_dims[m]) for m in self.modalities})
         in_dim = sum(input_dims[m] for m in self.modalities) + len(self.modalities)
         self.head = MLPHead(in_dim, self.config.head_hidden, out_dim, self.config.dropout)
+
+    def input_shares(self) -> dict[str, float]:
+        """Each modality's share of the head's first-layer weight norm (`interpret`). Its inputs are
+        LayerNormed per modality, so a larger share means the head leans more on that modality."""
+        weight = self.head.net[1].weight.detach()  # (hidden, sum of dims + flags)
+        norms, start = {}, 0
+        for m, norm in self.norms.items():
+            size = norm.normalized_shape[0]
+            norms[m] = float(weight[:, start:start + size].norm())
+            start += size
+        total = sum(norms.values()) or 1.0
+        return {m: v / total for m, v in norms.items()}
 
     def forward(self, batch: dict) -> dict:
         pooled, flags = [], []

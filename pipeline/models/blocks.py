@@ -12,8 +12,10 @@ batch size 1 is an ordinary batch.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -66,6 +68,53 @@ def task_loss(pred: torch.Tensor, label: torch.Tensor, task: str, reduction: str
     if task == "regression":
         return F.l1_loss(pred.float(), label.float(), reduction=reduction)
     return F.cross_entropy(pred.float(), label.long(), reduction=reduction)
+
+
+# ----------------------------------------------------------------------------
+# The global batch under DDP
+# ----------------------------------------------------------------------------
+class _GatherRows(torch.autograd.Function):
+    """all_gather along dim 0 whose backward hands each rank the gradient of its own rows, summed over ranks.
+
+    Every rank computes the same batch-level loss L from the gathered rows, so rank k's gradient for
+    rank r's rows is dL/dx_r; the sum over ranks is W * dL/dx_r, and DDP's averaging divides by W
+    again: each parameter ends with exactly the single-process gradient. An all_reduce of the full
+    gradient (not reduce_scatter) works on every backend, gloo included; the tensors are small.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rows, ctx.rank = x.shape[0], dist.get_rank()
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def distributed() -> bool:
+    """True inside a torchrun process group of more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def global_batch(x: torch.Tensor, enabled: bool = True) -> torch.Tensor:
+    """This rank's rows (B_r, ...) -> every rank's rows concatenated in rank order (sum_r B_r, ...).
+
+    Batch-level terms (InfoNCE, Gram matrices, grading, load balance) computed on the result are
+    the same on every rank and equal the single-process term over the global batch; gradients flow
+    back to each rank's own rows (`_GatherRows`). Unchanged in a single process or when not enabled
+    (evaluation: each rank then scores whole batches of its own). Every rank must have the same
+    number of rows, which the trainer's DistributedSampler guarantees.
+    """
+    if not (enabled and distributed()):
+        return x
+    if x.dtype == torch.bool:  # gloo gathers no bool
+        return _GatherRows.apply(x.to(torch.uint8)).bool()
+    return _GatherRows.apply(x)
 
 
 # ----------------------------------------------------------------------------
@@ -153,19 +202,38 @@ def route_top_k(router_logits: torch.Tensor, top_k: int):
     return probs, top_weights, top_experts
 
 
-def load_balance_loss(probs: torch.Tensor, top_experts: torch.Tensor) -> torch.Tensor:
-    """Switch-Transformer balance loss: E * sum_e (fraction of routings to e) * (mean gate probability of e).
+class RoutingStats(NamedTuple):
+    """What a batch's routing says about the experts; sums, so the batches of several ranks add up."""
+    prob_sum: torch.Tensor    # (E,) router probabilities summed over tokens (carries the gradient)
+    routed: torch.Tensor      # (E,) routings per expert (k per token)
+    tokens: torch.Tensor      # () routed tokens
+    top_k: int
 
-    Equals 1 when routing is uniform and grows to E when every token goes to one
-    expert with probability 1. With top-k each token contributes k routings.
-    """
+    def balance_loss(self) -> torch.Tensor:
+        """Switch-Transformer balance loss: E * sum_e (fraction of routings to e) * (mean router probability of e).
+
+        Equals 1 when routing is uniform and grows to E / k when every token goes to the same k experts.
+        """
+        tokens = self.tokens.clamp_min(1)
+        return self.prob_sum.numel() * ((self.routed / (tokens * self.top_k)) * (self.prob_sum / tokens)).sum()
+
+    def gathered(self, enabled: bool = True) -> "RoutingStats":
+        """The same sums over the global batch (every rank's tokens) under DDP, in one all-gather; unchanged otherwise."""
+        n = self.prob_sum.numel()
+        row = torch.cat([self.prob_sum.float(), self.routed.float(), self.tokens.float().reshape(1)])
+        total = global_batch(row[None], enabled).sum(0)
+        return RoutingStats(total[:n], total[n:2 * n], total[2 * n], self.top_k)
+
+
+def load_balance_loss(probs: torch.Tensor, top_experts: torch.Tensor) -> torch.Tensor:
+    """Balance loss of (T, E) router probabilities and (T, k) chosen experts (see RoutingStats)."""
+    return routing_stats(probs, top_experts).balance_loss()
+
+
+def routing_stats(probs: torch.Tensor, top_experts: torch.Tensor) -> RoutingStats:
     n_tokens, n_experts = probs.shape
-    if n_tokens == 0:  # e.g. a modality missing from the whole batch
-        return probs.sum() * 0.0
-    routings = F.one_hot(top_experts, n_experts).sum(dim=1).float()  # (T, E), 0/1 per expert
-    fraction_routed = routings.mean(dim=0) / top_experts.shape[-1]  # (E,), sums to 1
-    mean_prob = probs.mean(dim=0)  # (E,), sums to 1
-    return n_experts * (fraction_routed * mean_prob).sum()
+    routed = torch.bincount(top_experts.reshape(-1), minlength=n_experts).float()
+    return RoutingStats(probs.float().sum(0), routed, probs.new_tensor(float(n_tokens)), top_experts.shape[-1])
 
 
 class MixtureOfExperts(nn.Module):
@@ -204,7 +272,7 @@ class MixtureOfExperts(nn.Module):
             nn.init.uniform_(bias, -bound, bound)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor):
-        """x (B, L, d), mask (B, L) -> output (B, L, d), balance loss (scalar), routings per expert (E,)."""
+        """x (B, L, d), mask (B, L) -> output (B, L, d), RoutingStats, routing weight per sample and expert (B, E)."""
         tokens = x[mask]  # (T, d), real tokens only
         probs, weights, experts = route_top_k(self.router(tokens), self.top_k)
         if self.routing == "dispatch":
@@ -213,8 +281,7 @@ class MixtureOfExperts(nn.Module):
             mixed = self._all_experts(tokens, weights, experts)
         out = torch.zeros(x.shape, dtype=mixed.dtype, device=x.device)
         out[mask] = mixed
-        load = torch.bincount(experts.reshape(-1), minlength=self.n_experts)
-        return out, load_balance_loss(probs, experts), load
+        return out, routing_stats(probs, experts), per_sample_routing(weights, experts, mask, self.n_experts)
 
     def _expert_ffn(self, inputs: torch.Tensor) -> torch.Tensor:
         """All experts at once on per-expert inputs: (E, N, d) -> (E, N, d)."""
@@ -247,6 +314,14 @@ class MixtureOfExperts(nn.Module):
         return torch.einsum("te,ted->td", combine.to(expert_out.dtype), expert_out)
 
 
+def per_sample_routing(weights: torch.Tensor, experts: torch.Tensor, mask: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Routing weights (T, k) of experts (T, k) for the real tokens of mask (B, L) -> (B, E): each sample's
+    weight per expert summed over its tokens (what `--explain` ranks a clip's top experts by)."""
+    sample = mask.nonzero()[:, 0]  # (T,) the sample of each real token, in x[mask] order
+    out = torch.zeros(mask.shape[0], n_experts, device=weights.device)
+    return out.index_put_((sample[:, None].expand_as(experts), experts), weights.detach().float(), accumulate=True)
+
+
 # ----------------------------------------------------------------------------
 # Attention
 # ----------------------------------------------------------------------------
@@ -269,13 +344,14 @@ class GatedSelfAttention(nn.Module):
     exact mask and a gate of 1 a no-op.
     """
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, gate_bias: bool = True):
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, gate_bias: bool = True, out_proj: bool = True):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
         self.n_heads, self.dropout, self.gate_bias = n_heads, dropout, gate_bias
         self.qkv = nn.Linear(d_model, 3 * d_model)
-        self.out_proj = nn.Linear(d_model, d_model)
+        # the GEXSent reference's gated block returns softmax(QK/sqrt(d)) V with no output projection
+        self.out_proj = nn.Linear(d_model, d_model) if out_proj else nn.Identity()
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, gates: torch.Tensor | None = None) -> torch.Tensor:
         batch, length, d_model = x.shape
@@ -308,10 +384,10 @@ class GlobalTokenEncoder(nn.Module):
     """
 
     def __init__(self, input_dim: int, d_model: int, n_heads: int, n_layers: int, ff_dim: int,
-                 out_dim: int, dropout: float = 0.1):
+                 out_dim: int, dropout: float = 0.1, token_std: float = 0.02):
         super().__init__()
         self.input_proj = nn.Linear(input_dim, d_model)
-        self.global_token = nn.Parameter(torch.randn(1, 1, d_model) * 0.02)
+        self.global_token = nn.Parameter(torch.randn(1, 1, d_model) * token_std)
         layer = nn.TransformerEncoderLayer(d_model, n_heads, ff_dim, dropout, batch_first=True)
         self.encoder = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
         self.out_proj = nn.Linear(d_model, out_dim)
@@ -330,28 +406,44 @@ class GlobalTokenEncoder(nn.Module):
 # ----------------------------------------------------------------------------
 def info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
     """Symmetric InfoNCE (CLIP loss) between row-aligned (N, d) embeddings; sample i of a matches i of b."""
-    if a.shape[0] < 2:  # nothing to contrast against
-        return a.float().sum() * 0.0 + b.float().sum() * 0.0
-    a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
-    logits = logit_scale * a @ b.t()  # (N, N)
-    targets = torch.arange(a.shape[0], device=a.device)
+    return symmetric_cross_entropy(logit_scale * F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).t())
+
+
+def symmetric_cross_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """(N, N) similarity logits whose diagonal holds the matching pairs -> mean of both directions' cross-entropy."""
+    if logits.shape[0] < 2:  # nothing to contrast against
+        return logits.sum() * 0.0
+    targets = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
 
 
 class ContrastiveAlignment(nn.Module):
-    """Projects two modalities' utterance vectors to a shared space and scores them with InfoNCE."""
+    """Projects two modalities' utterance vectors to a shared space and scores them with InfoNCE.
 
-    def __init__(self, dim_a: int, dim_b: int, proj_dim: int, temperature: float, learnable_temperature: bool):
+    ``reference=True`` is GCE's published ``Clip`` module: a is projected then L2-normalised, b is
+    normalised then projected (and not normalised again), and the logits are scaled by log(1/T)
+    (2.66 at T = 0.07) instead of CLIP's 1/T (14.3). Otherwise both sides are projected and
+    normalised and the scale is 1/T, optionally learnt (capped at 100, as CLIP does).
+    """
+
+    def __init__(self, dim_a: int, dim_b: int, proj_dim: int, temperature: float, learnable_temperature: bool,
+                 reference: bool = False):
         super().__init__()
         self.proj_a = nn.Linear(dim_a, proj_dim)
         self.proj_b = nn.Linear(dim_b, proj_dim)
+        self.reference = reference
         log_scale = torch.tensor(math.log(1.0 / temperature))
-        if learnable_temperature:
+        if learnable_temperature and not reference:
             self.log_scale = nn.Parameter(log_scale)
         else:
             self.register_buffer("log_scale", log_scale)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, both_present: torch.Tensor) -> torch.Tensor:
         """a (B, d_a), b (B, d_b), both_present (B,) -> loss over the samples that have both."""
+        a, b = a[both_present].float(), b[both_present].float()
+        if self.reference:
+            a = F.normalize(self.proj_a(a), dim=-1)
+            b = self.proj_b(F.normalize(b, dim=-1))
+            return symmetric_cross_entropy(self.log_scale * a @ b.t())
         scale = self.log_scale.clamp(max=math.log(100.0)).exp()  # CLIP's cap on the learnable scale
-        return info_nce(self.proj_a(a[both_present]), self.proj_b(b[both_present]), scale)
+        return info_nce(self.proj_a(a), self.proj_b(b), scale)

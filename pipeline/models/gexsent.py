@@ -1,29 +1,41 @@
 """GEXSent: gated experts for multimodal sentiment analysis.
 
-Our version of "GEXSent: Gated Experts for Robust Sentiment Analysis Across
-Modalities" (reference code: github.com/Subhanshusethi/GExSENT-MOE, read, not
-copied). Per modality m present in ``input_dims``:
+"GEXSent: Gated Experts for Robust Sentiment Analysis Across Modalities"; reference code
+github.com/Subhanshusethi/GExSENT-MOE (``model.py``, ``main.py``; read, not copied).
+``gexsent.variant: reference`` builds the published architecture (``ReferenceGEXSent``),
+``improved`` (the default) ours (``GEXSent``). Most of ours fixes real bugs of the reference.
 
-1. Projection: features (B, L_m, D_m) -> (B, L_m, d), with sinusoidal positions
-   for visual and acoustic steps (the reference ran an LSTM over frames instead).
-2. H-GMoE level 1: a token-level mixture of ``n_experts`` FFN experts with top-k
-   routing and a Switch-style load-balancing loss (``blocks.MixtureOfExperts``).
-3. H-GMoE level 2: a modality gate, softmax over the modalities present in each
-   sample, weighing each modality's stream in the fused representation.
-4. GAM: masked self-attention per modality; cross-modal gates (each modality
-   attends over the others, residual + LayerNorm, one gate per token); gated
-   attention with Q and K scaled by the gates (``blocks.GatedSelfAttention``).
-5. Fusion: masked mean pool of each gated sequence, weighted by the modality
-   gate (= a masked mean over the concatenated sequences with per-modality
-   token weights), then an MLP head.
+| component | reference code | improved (ours) | why |
+|---|---|---|---|
+| frame / audio steps | ``LSTMVIS``: 2-layer LSTM (hidden 128) -> Linear -> dropout | Linear + LayerNorm + sinusoidal positions (``positions``) | the LSTM is sequential (slow on long sequences) and the positions carry the order |
+| text steps | frozen ModernBERT token states fed to the experts as they are | Linear + LayerNorm to ``d_model`` | every modality enters the experts at the same width |
+| experts | ``ExpertsText/Image``: 10 *linear* experts, softmax router, top-2 weights *not* renormalised, no balance loss | 10 FFN experts (``expert_hidden``), top-k weights renormalised, Switch balance loss, residual + LayerNorm | linear experts mixed linearly are one linear map per routing; unbalanced routers collapse |
+| H-GMoE level 2 | none: the modalities' tokens are concatenated and mean-pooled | a per-sample softmax gate over the modalities present (``modality_gate``) | the paper's hierarchy; a modality's weight should not be its token count |
+| self-attention | one ``nn.MultiheadAttention`` shared by all modalities, no mask, no residual | one per modality, masked, residual + LayerNorm | padding must not be attended to |
+| cross-modal gate | softmax over E logits, then the *mean* over E: exactly 1/E for every token | sigmoid gate per token, with log(gate) added to the key scores (``gate_bias``) | the reference gate is a constant: it only rescales Q and K |
+| gated attention | one shared single-head block, Q and K x gate, no output projection | one per modality, multi-head, masked | |
+| pooling and head | unmasked mean over the concatenated sequences -> Linear | masked mean per modality, weighted by the modality gate -> MLP head | padding counted in the mean changes the output with the batch |
+| task | 3-class cross-entropy, test set = validation set | regression (L1) or classification; test split never used for selection | MOSI is a regression benchmark |
 
-Differences from the reference, on purpose: padding masks are respected
-everywhere; missing modalities are excluded per sample; any subset of the
-registered modalities works; all sizes come from ``GEXSentConfig``.
+Both variants keep padding masks (the reference masks nothing; a model that reads padding gives
+results that depend on the other clips in the batch, and differ between 1 and N ranks).
 
-The reference gate (``gate="softmax_mean"``) is the mean over E of a softmax
-over E logits, which is exactly 1/E for every token: a constant that only
-rescales Q and K. It is kept for parity; the default is a sigmoid gate.
+Per modality m in ``input_dims`` (improved):
+
+1. Projection: features (B, L_m, D_m) -> (B, L_m, d), with sinusoidal positions on unordered steps.
+2. H-GMoE level 1: token-level mixture of ``n_experts`` FFN experts, top-k routing, balance loss
+   (``blocks.MixtureOfExperts``; its statistics are summed over the global batch under DDP).
+3. H-GMoE level 2: a modality gate, softmax over the modalities present in each sample.
+4. GAM: masked self-attention per modality; cross-modal gates (each modality attends over the
+   others, residual + LayerNorm, one gate per token); gated attention (``blocks.GatedSelfAttention``).
+5. Fusion: masked mean of each gated sequence, weighted by the modality gate, then an MLP head.
+
+Ablations (``gexsent.ablate``, a list):
+
+* ``experts``: a dense FFN (hidden ``top_k * expert_hidden``, the active size of the routed experts)
+  replaces the mixture of experts; no balance loss. In the reference variant: one linear map.
+* ``modality_gate``: every present modality weighs the same (improved only: the reference has none).
+* ``gated_attention``: no cross-modal gates and no gated attention: the self-attention output is pooled.
 
 Example (parameter count at the default sizes):
 
@@ -53,30 +65,41 @@ from .blocks import (
     GatedSelfAttention,
     MixtureOfExperts,
     MLPHead,
+    RoutingStats,
     attendable,
     config_from_dict,
     masked_mean,
+    per_sample_routing,
     resolve_inputs,
+    route_top_k,
+    routing_stats,
     to_prediction,
 )
+
+VARIANTS = ("reference", "improved")
+ABLATIONS = ("experts", "modality_gate", "gated_attention")
+# params the reference has no place for: they must keep their defaults under variant reference
+IMPROVED_ONLY = ("expert_hidden", "routing", "balance_weight", "cross_temperature", "gate_bias", "positions", "head_hidden")
 
 
 @section("gexsent")
 @dataclass
 class GEXSentConfig:
+    variant: str = param("improved", one_of(*VARIANTS),
+                         "reference (the published model) | improved (ours); the table atop pipeline/models/gexsent.py")
+    ablate: list[str] = param([], one_of(*ABLATIONS), "components switched off: experts | modality_gate | gated_attention")
     d_model: int = param(64, ge(1), "width of every modality stream after projection")
     n_experts: int = param(10, ge(1), "experts per modality (reference: 10)")
     top_k: int = param(2, ge(1), "experts routed per token (reference: 2)")
-    expert_hidden: int = param(128, ge(1), "hidden size of each expert FFN")
-    routing: str = param("dispatch", one_of("dispatch", "einsum"), "same result; dispatch measured 2-6x faster on CPU")
-    balance_weight: float = param(0.01, ge(0), "weight of the load-balancing loss (Switch Transformer uses 0.01)")
-    n_heads: int = param(4, ge(1), "attention heads in self- and gated attention")
-    cross_temperature: float = param(1.0, gt(0), "cross-modal attention: softmax(q.k / (sqrt(d) * temperature))")
-    gate: str = param("sigmoid", one_of("sigmoid", "softmax_mean"), "softmax_mean is the reference: constant 1/n_gate_logits")
-    n_gate_logits: int = param(10, ge(1), "softmax_mean only: logits the softmax runs over (reference: n_experts)")
-    gate_bias: bool = param(True, doc="add log(gate) to key scores so a zero gate removes a token")
-    positions: bool = param(True, doc="sinusoidal positions on the steps of unordered modalities (frames, audio)")
-    head_hidden: int = param(64, ge(1), "hidden size of the MLP head")
+    expert_hidden: int = param(128, ge(1), "improved: hidden size of each expert FFN")
+    routing: str = param("dispatch", one_of("dispatch", "einsum"),
+                         "improved: same result; dispatch measured 2-6x faster on CPU")
+    balance_weight: float = param(0.01, ge(0), "improved: weight of the load-balancing loss (Switch Transformer uses 0.01)")
+    n_heads: int = param(4, ge(1), "attention heads in self-attention (and gated attention, improved)")
+    cross_temperature: float = param(1.0, gt(0), "improved: cross-modal attention softmax(q.k / (sqrt(d) * temperature))")
+    gate_bias: bool = param(True, doc="improved: add log(gate) to key scores so a zero gate removes a token")
+    positions: bool = param(True, doc="improved: sinusoidal positions on the steps of unordered modalities (frames, audio)")
+    head_hidden: int = param(64, ge(1), "improved: hidden size of the MLP head")
     dropout: float = param(0.1, between(0, 1, hi_open=True), "dropout on projections, expert/attention outputs, head")
     attention_dropout: float = param(0.0, between(0, 1, hi_open=True), "on attention probabilities (~25% of a CPU step)")
 
@@ -85,22 +108,29 @@ class GEXSentConfig:
             raise fail("top_k", self.top_k, f"<= n_experts ({self.n_experts})")
         if self.d_model % self.n_heads:
             raise fail("n_heads", self.n_heads, f"a divisor of d_model ({self.d_model})")
+        if self.variant == "reference":
+            defaults = GEXSentConfig.__dataclass_fields__
+            for key in IMPROVED_ONLY:
+                if getattr(self, key) != defaults[key].default:
+                    raise fail(key, getattr(self, key), f"{defaults[key].default} with variant reference: improved only")
+            if "modality_gate" in self.ablate:
+                raise fail("ablate", self.ablate, "experts | gated_attention with variant reference: it has no modality gate")
 
 
 class CrossModalGate(nn.Module):
     """One gate per token of a modality from attending over the other modalities' tokens.
 
-    x (B, L, d) attends over context (B, Lc, d) (the others, concatenated), the
-    result is added back and LayerNormed, and a small head turns each enhanced
-    token into a gate in [0, 1]: (B, L, 1).
+    x (B, L, d) attends over context (B, Lc, d) (the others, concatenated) with softmax(x c^T * scale),
+    the result is added back and LayerNormed, and a small head turns each enhanced token into a gate
+    in [0, 1]: (B, L, 1). ``gate="sigmoid"``: one logit per token. ``gate="softmax_mean"`` (the
+    reference): the mean over n_logits of a softmax over n_logits, which is exactly 1/n_logits.
     """
 
-    def __init__(self, d_model: int, temperature: float, gate: str, n_gate_logits: int):
+    def __init__(self, d_model: int, scale: float, gate: str = "sigmoid", n_logits: int = 1):
         super().__init__()
-        self.scale = 1.0 / (math.sqrt(d_model) * temperature)
+        self.scale, self.gate = scale, gate
         self.norm = nn.LayerNorm(d_model)
-        self.gate = gate
-        self.to_gate = nn.Linear(d_model, 1 if gate == "sigmoid" else n_gate_logits)
+        self.to_gate = nn.Linear(d_model, 1 if gate == "sigmoid" else n_logits)
 
     def forward(self, x, context=None, context_mask=None):
         if context is not None:
@@ -116,8 +146,25 @@ class CrossModalGate(nn.Module):
         return gate_logits.softmax(dim=-1).mean(dim=-1, keepdim=True)  # reference: always 1/n
 
 
+def cross_context(streams: dict, masks: dict, m: str):
+    """The other modalities' tokens concatenated, and their mask; (None, None) when m is alone."""
+    others = [o for o in streams if o != m]
+    if not others:
+        return None, None
+    return torch.cat([streams[o] for o in others], dim=1), torch.cat([masks[o] for o in others], dim=1)
+
+
+def routing_extras(stats: dict[str, RoutingStats], per_sample: dict[str, torch.Tensor]) -> dict:
+    """What the trainer and `--explain` read about the experts: routings per expert (summed per epoch)
+    and each sample's routing weight per expert."""
+    return {
+        "stats": {f"expert_routed_{m}": s.routed.detach() for m, s in stats.items()},
+        **{f"expert_weight_{m}": w for m, w in per_sample.items()},
+    }
+
+
 class GEXSent(nn.Module):
-    """H-GMoE + GAM fusion over any non-empty subset of the registered modalities."""
+    """H-GMoE + GAM fusion over any non-empty subset of the registered modalities (variant improved)."""
 
     config_class = GEXSentConfig
 
@@ -132,21 +179,27 @@ class GEXSent(nn.Module):
             m: FeatureProjection(input_dims[m], d, cfg.dropout, positions=cfg.positions and not schema.get(m).ordered)
             for m in self.modalities
         })
-        self.experts = nn.ModuleDict({
-            m: MixtureOfExperts(d, cfg.expert_hidden, cfg.n_experts, cfg.top_k, cfg.routing)
-            for m in self.modalities
-        })
+        if "experts" in cfg.ablate:  # a dense FFN as wide as the k routed experts together
+            hidden = cfg.top_k * cfg.expert_hidden
+            self.experts = nn.ModuleDict({m: nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d))
+                                          for m in self.modalities})
+        else:
+            self.experts = nn.ModuleDict({
+                m: MixtureOfExperts(d, cfg.expert_hidden, cfg.n_experts, cfg.top_k, cfg.routing) for m in self.modalities
+            })
         self.expert_norms = nn.ModuleDict({m: nn.LayerNorm(d) for m in self.modalities})
-        self.modality_gate = nn.ModuleDict({m: nn.Linear(d, 1) for m in self.modalities})
+        self.modality_gate = nn.ModuleDict(
+            {} if "modality_gate" in cfg.ablate else {m: nn.Linear(d, 1) for m in self.modalities})
         self.self_attention = nn.ModuleDict({
             m: GatedSelfAttention(d, cfg.n_heads, cfg.attention_dropout) for m in self.modalities
         })
         self.self_attention_norms = nn.ModuleDict({m: nn.LayerNorm(d) for m in self.modalities})
-        self.cross_gates = nn.ModuleDict({
-            m: CrossModalGate(d, cfg.cross_temperature, cfg.gate, cfg.n_gate_logits) for m in self.modalities
-        })
+        gam = "gated_attention" not in cfg.ablate
+        scale = 1.0 / (math.sqrt(d) * cfg.cross_temperature)
+        self.cross_gates = nn.ModuleDict({m: CrossModalGate(d, scale) for m in self.modalities if gam})
         self.gated_attention = nn.ModuleDict({
-            m: GatedSelfAttention(d, cfg.n_heads, cfg.attention_dropout, gate_bias=cfg.gate_bias) for m in self.modalities
+            m: GatedSelfAttention(d, cfg.n_heads, cfg.attention_dropout, gate_bias=cfg.gate_bias)
+            for m in self.modalities if gam
         })
         self.dropout = nn.Dropout(cfg.dropout)
         self.head = MLPHead(d, cfg.head_hidden, out_dim, cfg.dropout)
@@ -155,19 +208,20 @@ class GEXSent(nn.Module):
         masks = {m: batch[f"{m}_mask"] for m in self.modalities}  # (B, L_m), True = real
 
         # H-GMoE level 1: token-level experts within each modality
-        streams, balance, expert_load = {}, [], {}
+        streams, stats, per_sample = {}, {}, {}
         for m in self.modalities:
             x = self.projections[m](batch[m])  # (B, L_m, d)
-            mixed, balance_m, expert_load[m] = self.experts[m](x, masks[m])
+            if isinstance(self.experts[m], MixtureOfExperts):
+                mixed, stats[m], per_sample[m] = self.experts[m](x, masks[m])
+            else:
+                mixed = self.experts[m](x) * masks[m][..., None]
             streams[m] = self.expert_norms[m](x + self.dropout(mixed))
-            if masks[m].any():  # a modality absent from the whole batch routes nothing
-                balance.append(balance_m)
 
-        # H-GMoE level 2: per-sample softmax over the modalities present
-        gate_logits = torch.cat(
-            [self.modality_gate[m](masked_mean(streams[m], masks[m])).float() for m in self.modalities], dim=-1
-        )  # (B, M)
+        # H-GMoE level 2: per-sample softmax over the modalities present (uniform when ablated)
         present = torch.stack([masks[m].any(dim=-1) for m in self.modalities], dim=-1)  # (B, M)
+        gate_logits = torch.cat(
+            [self.modality_gate[m](masked_mean(streams[m], masks[m])).float() for m in self.modality_gate], dim=-1
+        ) if self.modality_gate else torch.zeros(present.shape, device=present.device)  # (B, M)
         modality_weights = gate_logits.masked_fill(~attendable(present), float("-inf")).softmax(dim=-1)
 
         # GAM: self-attention, cross-modal gates, gated attention; then gated pooling
@@ -175,19 +229,124 @@ class GEXSent(nn.Module):
         for i, m in enumerate(self.modalities):
             attended = self.self_attention[m](streams[m], masks[m])
             attended = self.self_attention_norms[m](streams[m] + self.dropout(attended))
-            others = [o for o in self.modalities if o != m]
-            context = torch.cat([streams[o] for o in others], dim=1) if others else None
-            context_mask = torch.cat([masks[o] for o in others], dim=1) if others else None
-            token_gates[m] = self.cross_gates[m](streams[m], context, context_mask)  # (B, L_m, 1)
-            gated = self.gated_attention[m](attended, masks[m], token_gates[m])  # (B, L_m, d)
-            fused = fused + modality_weights[:, i : i + 1].to(gated.dtype) * masked_mean(gated, masks[m])
+            if self.cross_gates:
+                token_gates[m] = self.cross_gates[m](streams[m], *cross_context(streams, masks, m))  # (B, L_m, 1)
+                attended = self.gated_attention[m](attended, masks[m], token_gates[m])  # (B, L_m, d)
+            fused = fused + modality_weights[:, i : i + 1].to(attended.dtype) * masked_mean(attended, masks[m])
 
         pred = to_prediction(self.head(fused), self.task)
-        balance = torch.stack(balance).mean() if balance else fused.sum() * 0.0
-        aux = {"balance": self.config.balance_weight * balance}
-        extras = {
-            "modality_weights": modality_weights.detach(),
-            **{f"expert_load_{m}": load.detach() for m, load in expert_load.items()},
-            **{f"token_gates_{m}": g.detach()[..., 0] for m, g in token_gates.items()},
-        }
+        aux, extras = {}, {"modality_weights": modality_weights.detach(),
+                           **{f"token_gates_{m}": g.detach()[..., 0] for m, g in token_gates.items()}}
+        if stats:
+            # the balance loss over the global batch's tokens; modalities absent from it route nothing
+            stats = {m: s.gathered(self.training) for m, s in stats.items()}
+            routed = [s.balance_loss() for s in stats.values() if s.tokens > 0]
+            balance = torch.stack(routed).mean() if routed else fused.sum() * 0.0
+            aux["balance"] = self.config.balance_weight * balance
+            extras.update(routing_extras(stats, per_sample))
         return {"pred": pred, "aux": aux, "extras": extras}
+
+
+class LinearExperts(nn.Module):
+    """The reference's ``ExpertsText`` / ``ExpertsImage``: E linear experts (D_in -> d) and a softmax router;
+    each token takes its top-k experts weighted by their raw (not renormalised) probabilities.
+
+    As in the reference every expert runs on every token and the top-k outputs are gathered; only real
+    tokens are routed (padding comes out as zeros). No balance loss is trained; its statistics are kept.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, n_experts: int, top_k: int):
+        super().__init__()
+        self.n_experts, self.top_k, self.out_dim = n_experts, top_k, out_dim
+        self.router = nn.Linear(in_dim, n_experts)
+        self.experts = nn.Linear(in_dim, n_experts * out_dim)  # the E experts' weights side by side
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor):
+        tokens = x[mask]  # (T, D_in)
+        probs, _, experts = route_top_k(self.router(tokens), self.top_k)
+        weights = probs.gather(-1, experts)  # (T, k): the raw top-k probabilities
+        outputs = self.experts(tokens).reshape(tokens.shape[0], self.n_experts, self.out_dim)  # (T, E, d)
+        chosen = outputs.gather(1, experts[..., None].expand(-1, -1, outputs.shape[-1]))  # (T, k, d)
+        mixed = (weights[..., None].to(chosen.dtype) * chosen).sum(1)
+        out = torch.zeros(*mask.shape, mixed.shape[-1], dtype=mixed.dtype, device=x.device)
+        out[mask] = mixed
+        return out, routing_stats(probs, experts), per_sample_routing(weights, experts, mask, self.n_experts)
+
+
+class LSTMEncoder(nn.Module):
+    """The reference's ``LSTMVIS``: 2-layer LSTM (hidden 128) over the steps -> Linear -> dropout 0.1.
+    Right padding never reaches a real step's output (the LSTM runs forward only)."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden: int = 128, dropout: float = 0.1):
+        super().__init__()
+        self.lstm = nn.LSTM(in_dim, hidden, num_layers=2, batch_first=True)
+        self.out = nn.Linear(hidden, out_dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.out(self.lstm(x)[0]))
+
+
+class ReferenceGEXSent(nn.Module):
+    """The published GEXSent (``MOEModel``), generalised from two modalities to any subset, with masks.
+
+    Per modality: (frames/audio: LSTM encoder) -> linear top-2 experts -> the shared self-attention ->
+    the shared gated attention with the constant softmax-mean gate; then one mean over all real tokens
+    of all modalities and a linear head. Its effective modality weights are the token shares, which the
+    extras report as ``modality_weights``.
+    """
+
+    config_class = GEXSentConfig
+
+    def __init__(self, input_dims: dict[str, int], task: str = "regression", num_classes: int = 1,
+                 config: GEXSentConfig | dict | None = None):
+        super().__init__()
+        self.config = cfg = config_from_dict(GEXSentConfig, config)
+        self.modalities, out_dim = resolve_inputs(input_dims, task, num_classes)
+        self.task = task
+        d = cfg.d_model
+        self.encoders = nn.ModuleDict({m: LSTMEncoder(input_dims[m], d, dropout=cfg.dropout)
+                                       for m in self.modalities if not schema.get(m).ordered})
+        width = {m: d if m in self.encoders else input_dims[m] for m in self.modalities}
+        self.experts = nn.ModuleDict({
+            m: nn.Linear(width[m], d) if "experts" in cfg.ablate else LinearExperts(width[m], d, cfg.n_experts, cfg.top_k)
+            for m in self.modalities
+        })
+        self.self_attention = GatedSelfAttention(d, cfg.n_heads, cfg.attention_dropout)  # shared, as published
+        gam = "gated_attention" not in cfg.ablate
+        # the reference's cross-attention logits are q.k / 0.1; the softmax-mean gate discards them anyway
+        self.cross_gates = nn.ModuleDict({m: CrossModalGate(d, 10.0, "softmax_mean", cfg.n_experts)
+                                          for m in self.modalities if gam})
+        self.gated_attention = GatedSelfAttention(d, 1, cfg.attention_dropout, gate_bias=False, out_proj=False) if gam else None
+        self.head = nn.Linear(d, out_dim)
+
+    def forward(self, batch: dict) -> dict:
+        masks = {m: batch[f"{m}_mask"] for m in self.modalities}
+        streams, stats, per_sample = {}, {}, {}
+        for m in self.modalities:
+            x = self.encoders[m](batch[m]) if m in self.encoders else batch[m]
+            if isinstance(self.experts[m], LinearExperts):
+                streams[m], stats[m], per_sample[m] = self.experts[m](x, masks[m])
+            else:
+                streams[m] = self.experts[m](x) * masks[m][..., None]
+
+        outputs, token_gates = {}, {}
+        for m in self.modalities:
+            outputs[m] = self.self_attention(streams[m], masks[m])  # no residual, as published
+            if self.gated_attention is not None:
+                token_gates[m] = self.cross_gates[m](streams[m], *cross_context(streams, masks, m))
+                outputs[m] = self.gated_attention(outputs[m], masks[m], token_gates[m])
+
+        # one mean over every real token of every modality
+        tokens = torch.cat([outputs[m] for m in self.modalities], dim=1)
+        mask = torch.cat([masks[m] for m in self.modalities], dim=1)
+        pred = to_prediction(self.head(masked_mean(tokens, mask)), self.task)
+        counts = torch.stack([masks[m].sum(-1) for m in self.modalities], dim=-1).float()  # (B, M)
+        extras = {"modality_weights": counts / counts.sum(-1, keepdim=True).clamp_min(1),
+                  **{f"token_gates_{m}": g.detach()[..., 0] for m, g in token_gates.items()}}
+        if stats:
+            extras.update(routing_extras({m: s.gathered(self.training) for m, s in stats.items()}, per_sample))
+        return {"pred": pred, "aux": {}, "extras": extras}
+
+
+GEXSent.variants = {"reference": ReferenceGEXSent}
