@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from pipeline import params
+from pipeline.runs import stamp
 from pipeline.errors import guarded, require
 from pipeline.models import MODELS
 from pipeline.train import NonFiniteLoss, TrainParams, train_model
@@ -22,6 +23,7 @@ def main(name: str, dataset: str, out: str) -> int:
     require(dataset, "assemble")
     try:
         result = train_model(name, dataset, out, cfg, params.as_dict(arch))
+        stamp(f"{out}/metrics.json", dataset)  # the data hashes and the selection split, for the report
     except NonFiniteLoss as err:
         print(f"train: {err}", file=sys.stderr)
         return 1

@@ -1,0 +1,44 @@
+"""Stage `robustness`: every evaluated model (at every seed) scored on corrupted test inputs, no retraining.
+
+    python -m stages.robustness features/dataset models runs reports/robustness   (what `dvc repro robustness` runs)
+
+Reads the dataset, the runs of evaluate.models (models/<m> and runs/seeds/<m>/seed<k>) and params
+`robustness`, `evaluate`, `model.seed`; writes robustness.json (per model and curve: mean over
+levels and area under the curve, mean ± std over seeds), curves/ (JSON for `dvc plots`) and PNGs.
+"""
+import argparse
+import sys
+import time
+
+from pipeline import params, runs
+from pipeline.dataset import AssembledData
+from pipeline.errors import guarded, require
+from pipeline.evaluation import PRIMARY
+from pipeline.robustness import RobustnessParams, load_scored, measure, summarize, write_outputs
+
+
+def main(dataset: str, models: str, runs_dir: str, out: str) -> int:
+    raw = params.load()
+    cfg = params.read(raw, RobustnessParams)
+    require(dataset, "assemble")
+    started = time.time()
+    scored = []
+    for name, dirs in runs.base_run_dirs(raw, models, runs_dir).items():
+        for seed, path in dirs:
+            require(path / "model.pt", f"train@{name}" if seed == dirs[0][0] else f"seeds@{name}-{seed}")
+            scored.append(load_scored(name, seed, path))
+    data = AssembledData(dataset)
+    summary, points = summarize(measure(data, scored, cfg), cfg, data.modalities, PRIMARY[data.task])
+    write_outputs(out, summary, points, data.task, data.meta)
+    print(f"robustness: {len(scored)} runs, {len(points)} curves in {time.time() - started:.0f} s -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    cli = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    cli.add_argument("dataset", help="the folder written by `assemble`")
+    cli.add_argument("models", help="the models folder (train@<model> runs)")
+    cli.add_argument("runs", help="the runs folder (runs/seeds/<model>/seed<k>: seeds@<model>-<seed>)")
+    cli.add_argument("out", help="the folder to write")
+    args = cli.parse_args()
+    sys.exit(guarded("robustness", main, args.dataset, args.models, args.runs, args.out))
