@@ -26,7 +26,7 @@ from .params import gt, param, section
 @section("probe")
 @dataclass
 class ProbeParams:
-    alphas: list[float] = param([0.1, 1.0, 10.0, 100.0, 1000.0], gt(0),
+    alphas: list[float] = param([0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0], gt(0),
                                 "ridge penalties tried (logistic regression: C = 1 / alpha); the best on validation is kept")
 
 

@@ -37,6 +37,7 @@ import torch
 from . import schema
 from .dataset import AssembledData, collate
 from .evaluation import auc
+from .evaluation import summarize as over_seeds
 from .metrics import classification_metrics, regression_metrics
 from .params import between, ge, param, section
 
@@ -50,6 +51,7 @@ class RobustnessParams:
     seeds: list[int] = param([0, 1, 2], ge(0), "mask seeds: every random/block/noise level is averaged over them")
     snr_db: list[float] = param([20.0, 10.0, 5.0, 0.0], doc="Gaussian noise levels, dB of signal over noise")
     targets: list[str] = param(["all"], doc="modalities dropped together per curve: 'all', or one modality name each")
+    train_seeds: list[int] = param([], ge(0), "the training seeds whose runs are corrupted (empty: every seed)")
     batch_size: int = param(256, ge(1), "test segments scored per forward pass")
 
 
@@ -118,7 +120,7 @@ class TextReencoder:
             input_ids = torch.full((len(chunk), longest), pad, dtype=torch.long)
             mask = torch.zeros_like(input_ids)
             for row, x in enumerate(chunk):
-                input_ids[row, :len(x)], mask[row, :len(x)] = torch.as_tensor(x, dtype=torch.long), 1
+                input_ids[row, :len(x)], mask[row, :len(x)] = torch.from_numpy(np.array(x, np.int64)), 1
             states = encode(self.model, input_ids, mask, self.layers, torch.device("cpu")).numpy()
             for row, x in enumerate(chunk):
                 h = states[row, :len(x)]
@@ -304,33 +306,35 @@ def _mean(dicts: list[dict]) -> dict:
     return {k: None if any(d[k] is None for d in dicts) else float(np.mean([d[k] for d in dicts])) for k in dicts[0]}
 
 
-def summarize(measured: dict, cfg: RobustnessParams, modalities: list[str], primary: str) -> tuple[dict, dict]:
-    """(summary, curves): per run name and curve, the mean over levels and the AUC of each metric (rate
-    curves), mean ± std over training seeds; and per curve the points for plots."""
-    from .evaluation import summarize as over_seeds
+def _curve_summary(curve: Curve, by_seed: list[list[dict]]) -> dict:
+    """by_seed: per training seed, the curve (one metrics dict per level, mask seeds averaged) -> mean over
+    levels and AUC (rate curves) of every metric, each as mean ± std over training seeds."""
+    entry = {}
+    for key in by_seed[0][0]:
+        entry[f"mean_{key}"] = over_seeds([_mean(c)[key] for c in by_seed])
+        if curve.protocol in ("random", "block"):
+            entry[f"auc_{key}"] = over_seeds([auc(curve.levels, [v[key] for v in c]) for c in by_seed])
+    if curve.protocol == "subsets":
+        entry["levels"] = {level: {k: over_seeds([c[i][k] for c in by_seed]) for k in by_seed[0][0]}
+                           for i, level in enumerate(curve.levels)}
+    return entry
 
-    by_name = {c.name: c for c in curves(cfg, modalities)}
+
+def _curve_points(curve: Curve, by_seed: list[list[dict]], primary: str) -> list[dict]:
+    """One record per level, metrics averaged over training seeds; the primary metric last (`dvc plots`' default y)."""
+    keys = [k for k in by_seed[0][0] if k != primary] + [primary]
+    return [{"level": level, **{k: over_seeds([c[i][k] for c in by_seed])["mean"] for k in keys}}
+            for i, level in enumerate(curve.levels)]
+
+
+def summarize(measured: dict, cfg: RobustnessParams, modalities: list[str], primary: str) -> tuple[dict, dict]:
+    """(summary {run name: {curve: entry}}, points {curve: {run name: records}}) from `measure`'s output."""
     summary, points = {}, {}
-    for curve_name, table in measured.items():
-        curve = by_name[curve_name]
-        for name, per_train_seed in table.items():
-            levels = {seed: [_mean(values) for values in per_level] for seed, per_level in per_train_seed.items()}
-            metrics = list(next(iter(levels.values()))[0])
-            entry = {}
-            for key in metrics:
-                means = [None if any(v[key] is None for v in c) else float(np.mean([v[key] for v in c]))
-                         for c in levels.values()]
-                entry[f"mean_{key}"] = over_seeds(means)
-                if curve.protocol in ("random", "block"):
-                    entry[f"auc_{key}"] = over_seeds([auc(curve.levels, [v[key] for v in c]) for c in levels.values()])
-            if curve.protocol == "subsets":
-                entry["levels"] = {lvl: {k: over_seeds([c[i][k] for c in levels.values()]) for k in metrics}
-                                   for i, lvl in enumerate(curve.levels)}
-            summary.setdefault(name, {})[curve_name] = entry
-            order = [k for k in metrics if k != primary] + [primary]  # last key: what `dvc plots` draws by default
-            points.setdefault(curve_name, {})[name] = [
-                {"level": lvl, **{k: over_seeds([c[i][k] for c in levels.values()])["mean"] for k in order}}
-                for i, lvl in enumerate(curve.levels)]
+    for curve in curves(cfg, modalities):
+        for name, per_seed in measured.get(curve.name, {}).items():
+            by_seed = [[_mean(masks) for masks in per_level] for per_level in per_seed.values()]
+            summary.setdefault(name, {})[curve.name] = _curve_summary(curve, by_seed)
+            points.setdefault(curve.name, {})[name] = _curve_points(curve, by_seed, primary)
     return summary, points
 
 

@@ -5,6 +5,7 @@ Layout (all written by DVC stages, read by `report`):
     models/<model>/                  train@<model>: the run at model.seed
     runs/seeds/<model>/seed<k>/      seeds@<model>-<k>: the same model at seed k (evaluate.seeds)
     runs/ablations/<name>/seed<k>/   ablation@<name>: one ablation at model.seed and every evaluate.seeds
+                                     (or at its own `seeds`)
     models/linear_probe/             probe: ridge / logistic regression on pooled features
 
 Each run folder holds metrics.json (with `data`: the manifest and split hashes, and `selection`:
@@ -40,6 +41,8 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 class Ablation:
     model: str = param("gce", doc="the model trained without the component")
     set: list[str] = param([], doc="KEY=VALUE overrides as `dvc exp run -S` takes them, of model.* or <model>.*")
+    seeds: list[int] = param([], ge(0), "the seeds to train it at (empty: model.seed and every evaluate.seeds); "
+                                        "fewer for a costly variant, e.g. text fine-tuning on CPU")
 
     def __post_init__(self):
         for item in self.set:
@@ -51,11 +54,11 @@ class Ablation:
 @section("evaluate")
 @dataclass
 class EvaluateParams:
-    seeds: list[int] = param([1], ge(0), "seeds trained per model besides model.seed (train@<model> is that one)")
+    seeds: list[int] = param([], ge(0), "seeds trained per model besides model.seed (train@<model> is that one); "
+                                        "the demo runs none, full size [1, 2, 3, 4]")
     models: list[str] = param(["gexsent", "gce", "text_only", "late_fusion"], doc="models trained at every seed")
     ablations: dict[str, Ablation] = param(
-        {"gce-no-contrastive": Ablation("gce", ["gce.contrastive_weight=0"]),
-         "gexsent-no-acoustic": Ablation("gexsent", ["model.modalities=[text, visual]"])},
+        {"gexsent-no-acoustic": Ablation("gexsent", ["model.modalities=[text, visual]"])},
         doc="name -> {model, set}: trained at model.seed and every seed, compared with the full model")
 
     def __post_init__(self):
@@ -136,7 +139,11 @@ def base_runs(raw: dict, models_dir: str | Path, runs_dir: str | Path) -> dict[s
             for model, dirs in base_run_dirs(raw, models_dir, runs_dir).items()}
 
 
+def ablation_seeds(raw: dict, ablation: Ablation) -> list[int]:
+    return ablation.seeds or seeds(raw)
+
+
 def ablation_runs(raw: dict, runs_dir: str | Path) -> dict[str, list[Run]]:
     cfg = params.read(raw, EvaluateParams)
-    return {name: [read_run(Path(runs_dir) / "ablations" / name / f"seed{s}", name, s) for s in seeds(raw)]
-            for name in cfg.ablations}
+    return {name: [read_run(Path(runs_dir) / "ablations" / name / f"seed{s}", name, s) for s in ablation_seeds(raw, spec)]
+            for name, spec in cfg.ablations.items()}

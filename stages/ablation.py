@@ -21,7 +21,7 @@ def main(name: str, dataset: str, out: str) -> int:
         raise ParamError(f"evaluate.ablations.{name}: no such ablation (known: {', '.join(ablations) or 'none'})")
     require(dataset, "assemble")
     spec = ablations[name]
-    for seed in runs.seeds(raw):
+    for seed in runs.ablation_seeds(raw, spec):
         result = train_variant(raw, spec.model, dataset, Path(out) / f"seed{seed}", spec.set, seed,
                                where=f"evaluate.ablations.{name}.model")
         print(f"ablation {name} ({spec.model} with {', '.join(spec.set) or 'no change'}) seed {seed}: "

@@ -25,6 +25,8 @@ def main(dataset: str, models: str, runs_dir: str, out: str) -> int:
     scored = []
     for name, dirs in runs.base_run_dirs(raw, models, runs_dir).items():
         for seed, path in dirs:
+            if cfg.train_seeds and seed not in cfg.train_seeds:
+                continue
             require(path / "model.pt", f"train@{name}" if seed == dirs[0][0] else f"seeds@{name}-{seed}")
             scored.append(load_scored(name, seed, path))
     data = AssembledData(dataset)

@@ -308,3 +308,36 @@ def test_ablations_are_overrides_checked_like_exp_run():
     with pytest.raises(ParamError, match="evaluate.ablations.a b"):
         params.parse(EvaluateParams, {"ablations": {"a b": {"model": "gce"}}})
     assert Ablation("gexsent", ["gexsent.ablate=[experts]"]).set == ["gexsent.ablate=[experts]"]
+
+
+def test_text_drop_keeps_special_tokens_and_reencodes_as_the_text_stage(tmp_path):
+    """Dropped tokens become [UNK], [CLS]/[SEP] stay, and re-encoding unchanged ids gives back the stored inputs."""
+    from pipeline.dataset import AssembledData, assemble
+    from pipeline.features import text as text_stage
+    from pipeline.robustness import Corruptor
+
+    root = write_fake_features(tmp_path / "feat", n=16, dims={"text": 384, "visual": 4})
+    manifest = pd.read_parquet(root / "manifest.parquet")
+    manifest["text"] = [f"the film number {i} was {'really good' if i % 2 else 'not great at all'}, said the critic"
+                        for i in range(len(manifest))]
+    text_stage.run(manifest, text_stage.TextParams(), tmp_path / "cache", root / "text.parquet", show_progress=False)
+    assemble(root / "manifest.parquet", {"text": root / "text.parquet", "visual": root / "visual.parquet"}, root / "dataset")
+    data = AssembledData(root / "dataset")
+    corruptor = Corruptor(data, data.split_rows("test"), reencode_text=True)
+    encoder = corruptor.encoder()
+    again = encoder([seg["text_token_ids"] for seg in corruptor.clean], batch_size=3)
+    for seg, new in zip(corruptor.clean, again):
+        assert new["text"].dtype == seg["text"].dtype and new["text"].shape == seg["text"].shape
+        np.testing.assert_allclose(new["text"].astype(np.float32), seg["text"].astype(np.float32), atol=2e-2)
+        np.testing.assert_allclose(new["text_pooled"], seg["text_pooled"], atol=1e-3)
+    dropped = corruptor.drop("random", 0.5, 0, ["text"])
+    changed = 0
+    for seg, new in zip(corruptor.clean, dropped):
+        ids, out = seg["text_token_ids"], new["text_token_ids"]
+        special = np.isin(ids, list(encoder.special))
+        assert special[0] and special[-1] and (out[special] == ids[special]).all()
+        assert set(out[out != ids].tolist()) <= {encoder.unk}
+        if (out != ids).any():
+            changed += 1
+            assert not np.allclose(new["text_pooled"], seg["text_pooled"], atol=1e-2)   # re-encoded
+    assert changed >= 2
