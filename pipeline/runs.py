@@ -8,8 +8,8 @@ Layout (all written by DVC stages, read by `report`):
                                      (or at its own `seeds`)
     models/linear_probe/             probe: ridge / logistic regression on pooled features
 
-Each run folder holds metrics.json (with `data`: the manifest and split hashes, and `selection`:
-the split the checkpoint was chosen on) and plots/test_predictions.csv.
+Each run folder holds metrics.json (stamped by `provenance.stamp` with `data`: the manifest and split
+hashes, and `selection`: the split the checkpoint was chosen on) and plots/test_predictions.csv.
 
 An ablation is data: a model and `dvc exp run -S`-style overrides of `model.*` or that model's
 own section, e.g. {model: gce, set: ["gce.contrastive_weight=0"]} or {model: gexsent, set:
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,27 +81,6 @@ def with_overrides(raw: dict, overrides: list[str], seed: int | None = None) -> 
     if seed is not None:
         params.assign(raw, f"model.seed={seed}")
     return raw
-
-
-def selection(dataset_dir: str | Path, task: str) -> dict:
-    """What a result records about the data it came from and how its checkpoint was chosen."""
-    meta = json.loads((Path(dataset_dir) / "meta.json").read_text())
-    return {"data": meta.get("provenance"),
-            "selection": {"split": "valid", "criterion": "loss" if task == "classification" else "mae",
-                          "segments": int(meta["splits"].get("valid", 0))}}
-
-
-def stamp(metrics_path: str | Path, dataset_dir: str | Path) -> dict:
-    """Add `data` (manifest and split hashes) and `selection` to a run's metrics.json; returns the result.
-    Under torchrun only rank 0 wrote the file, and only rank 0 stamps it."""
-    path = Path(metrics_path)
-    if os.environ.get("RANK", "0") != "0":
-        return {}
-    result = json.loads(path.read_text())
-    meta = json.loads((Path(dataset_dir) / "meta.json").read_text())
-    result.update(selection(dataset_dir, meta["task"]))
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    return result
 
 
 # --------------------------------------------------------------------------- reading runs

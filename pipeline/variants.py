@@ -11,6 +11,7 @@ from pathlib import Path
 from . import params, runs
 from .errors import ParamError
 from .models import MODELS
+from .provenance import stamp
 from .train import TrainParams, train_model
 
 
@@ -23,4 +24,4 @@ def train_variant(raw: dict, model: str, dataset: str | Path, out: str | Path, o
     cfg = params.read(raw, TrainParams)
     arch = params.parse(MODELS[model].config_class, params.lookup(raw, model), model)
     train_model(model, dataset, out, cfg, params.as_dict(arch), progress=False)
-    return runs.stamp(Path(out) / "metrics.json", dataset)
+    return stamp(Path(out) / "metrics.json", dataset)

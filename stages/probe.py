@@ -12,7 +12,7 @@ from pathlib import Path
 from pipeline import params, schema
 from pipeline.errors import guarded, require
 from pipeline.probe import ProbeParams, fit_probe
-from pipeline.runs import stamp
+from pipeline.provenance import stamp
 
 
 def main(dataset: str, out: str) -> int:

@@ -10,9 +10,9 @@ import argparse
 import sys
 
 from pipeline import params
-from pipeline.runs import stamp
 from pipeline.errors import guarded, require
 from pipeline.models import MODELS
+from pipeline.provenance import stamp
 from pipeline.train import NonFiniteLoss, TrainParams, train_model
 
 

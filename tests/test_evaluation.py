@@ -104,7 +104,7 @@ def test_auc_is_the_trapezoid_over_rates():
 # --------------------------------------------------------------------------- a small project, through the stages
 
 FAST = {"model.epochs": 3, "model.patience": 5, "model.batch_size": 16, "evaluate.seeds": [1],
-        "evaluate.models": ["gexsent", "late_fusion", "text_only"],
+        "evaluate.models": ["gexsent", "late_fusion"],
         "evaluate.ablations": {"late-no-acoustic": {"model": "late_fusion", "set": ["model.modalities=[text, visual]"]}},
         "robustness.rates": [0.0, 0.5, 1.0], "robustness.seeds": [0, 1], "robustness.snr_db": [10.0],
         "robustness.targets": ["visual", "acoustic"], "report.bootstrap": 200}
