@@ -189,8 +189,9 @@ def robustness_tables(record: dict, groups: dict[str, Group], metric: str) -> st
     header, rows = ["model", f"clean {LABELS.get(metric, metric)}"], []
     for curve in curves:
         header.append(f"{curve} {'AUC' if curve.startswith(('random', 'block')) else 'mean'}")
-    for g in models:
-        clean = summarize(groups[g].values(metric))
+    for g in models:  # the clean value over the seeds whose runs were corrupted
+        seeds = record.get("train_seeds", {}).get(g)
+        clean = summarize([r.metrics["test"].get(metric) for r in groups[g].runs if seeds is None or r.seed in seeds])
         row = [g, fmt(metric, clean["mean"], clean["std"])]
         for curve in curves:
             entry = record["models"][g][curve]

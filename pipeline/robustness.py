@@ -338,7 +338,8 @@ def summarize(measured: dict, cfg: RobustnessParams, modalities: list[str], prim
     return summary, points
 
 
-def write_outputs(out_dir: str | Path, summary: dict, points: dict, task: str, data_meta: dict) -> None:
+def write_outputs(out_dir: str | Path, summary: dict, points: dict, task: str, data_meta: dict,
+                  train_seeds: dict[str, list[int]]) -> None:
     """robustness.json (for `dvc metrics`), curves/<curve>/<model>.json (for `dvc plots`), plots/<curve>.png."""
     import json
 
@@ -355,5 +356,5 @@ def write_outputs(out_dir: str | Path, summary: dict, points: dict, task: str, d
             (out / "curves" / curve / f"{name}.json").write_text(json.dumps(series, indent=1) + "\n")
         xlabel = {"noise": "SNR (dB)", "subsets": "modalities missing"}.get(curve.split("-")[0], "drop rate")
         robustness_curve(by_model, metric, xlabel, out / "plots" / f"{curve}.png", f"test {metric}: {curve}")
-    record = {"data": data_meta.get("provenance"), "task": task, "models": summary}
+    record = {"data": data_meta.get("provenance"), "task": task, "train_seeds": train_seeds, "models": summary}
     (out / "robustness.json").write_text(json.dumps(record, indent=1) + "\n")

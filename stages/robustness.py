@@ -31,7 +31,8 @@ def main(dataset: str, models: str, runs_dir: str, out: str) -> int:
             scored.append(load_scored(name, seed, path))
     data = AssembledData(dataset)
     summary, points = summarize(measure(data, scored, cfg), cfg, data.modalities, PRIMARY[data.task])
-    write_outputs(out, summary, points, data.task, data.meta)
+    train_seeds = {name: [s.seed for s in scored if s.name == name] for name in dict.fromkeys(s.name for s in scored)}
+    write_outputs(out, summary, points, data.task, data.meta, train_seeds)
     print(f"robustness: {len(scored)} runs, {len(points)} curves in {time.time() - started:.0f} s -> {out}")
     return 0
 
