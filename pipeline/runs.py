@@ -2,7 +2,7 @@
 
 Layout (all written by DVC stages, read by `report`):
 
-    models/<model>/                  train@<model>: the run at model.seed
+    models/<model>/                  train@<model>: the run at model.seed (every model train@ trained is reported)
     runs/seeds/<model>/seed<k>/      seeds@<model>-<k>: the same model at seed k (evaluate.seeds)
     runs/ablations/<name>/seed<k>/   ablation@<name>: one ablation at model.seed and every evaluate.seeds
                                      (or at its own `seeds`)
@@ -55,7 +55,8 @@ class Ablation:
 class EvaluateParams:
     seeds: list[int] = param([], ge(0), "seeds trained per model besides model.seed (train@<model> is that one); "
                                         "the demo runs none, full size [1, 2, 3, 4]")
-    models: list[str] = param(["gexsent", "gce", "text_only", "late_fusion"], doc="models trained at every seed")
+    models: list[str] = param(["gexsent", "gce", "text_only", "late_fusion"],
+                              doc="models trained at every seed (any other model train@ trained is reported at model.seed)")
     ablations: dict[str, Ablation] = param(
         {"gexsent-no-acoustic": Ablation("gexsent", ["model.modalities=[text, visual]"])},
         doc="name -> {model, set}: trained at model.seed and every seed, compared with the full model")
@@ -105,10 +106,17 @@ def read_run(path: str | Path, name: str, seed: int | None) -> Run:
 
 
 def base_run_dirs(raw: dict, models_dir: str | Path, runs_dir: str | Path) -> dict[str, list[tuple[int, Path]]]:
-    """model -> [(seed, folder)]: models/<m> holds model.seed, runs/seeds/<m>/seed<k> the other seeds."""
-    all_seeds = seeds(raw)
-    return {model: [(all_seeds[0], Path(models_dir) / model)] + [(s, Path(runs_dir) / "seeds" / model / f"seed{s}") for s in all_seeds[1:]]
-            for model in params.read(raw, EvaluateParams).models}
+    """model -> [(seed, folder)] for every model train@ trained (models/<m>, at model.seed), plus
+    runs/seeds/<m>/seed<k> for each of evaluate.seeds when the model is in evaluate.models."""
+    cfg, all_seeds = params.read(raw, EvaluateParams), seeds(raw)
+    trained = sorted(p.parent.name for p in Path(models_dir).glob("*/metrics.json") if p.parent.name != PROBE)
+    names = [m for m in cfg.models if m in trained] + [m for m in trained if m not in cfg.models]
+    missing = [m for m in cfg.models if m not in trained]
+    if missing:
+        raise UserError(f"no trained {', '.join(missing)} in {models_dir}: run `dvc repro` (train@<model>)")
+    return {m: [(all_seeds[0], Path(models_dir) / m)] +
+               ([(s, Path(runs_dir) / "seeds" / m / f"seed{s}") for s in all_seeds[1:]] if m in cfg.models else [])
+            for m in names}
 
 
 def base_runs(raw: dict, models_dir: str | Path, runs_dir: str | Path) -> dict[str, list[Run]]:

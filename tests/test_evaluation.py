@@ -232,6 +232,20 @@ def test_report_tables_flags_and_records(project):
         assert written["data"] == rob["data"] and written["selection"]["split"] == "valid", run
 
 
+def test_every_trained_model_is_reported_with_the_seeds_it_has(project):
+    from pipeline import runs
+
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    dirs = runs.base_run_dirs(raw, project / "models", project / "runs")
+    assert [s for s, _ in dirs["gexsent"]] == [0, 1] and list(dirs) == ["gexsent", "late_fusion"]
+    params.assign(raw, "evaluate.models=[late_fusion]")       # gexsent: trained by train@ only, so one seed
+    dirs = runs.base_run_dirs(raw, project / "models", project / "runs")
+    assert list(dirs) == ["late_fusion", "gexsent"] and [s for s, _ in dirs["gexsent"]] == [0]
+    params.assign(raw, "evaluate.models=[gce]")
+    with pytest.raises(Exception, match="no trained gce in"):
+        runs.base_run_dirs(raw, project / "models", project / "runs")
+
+
 def test_report_flags_mixed_data_and_selection_off_validation(project, tmp_path):
     from pipeline import runs
     from pipeline.report import flags
