@@ -1,7 +1,7 @@
 """The evaluation report: every model over seeds, the linear probe, the ablations and the robustness
-curves in one `reports/summary.md` (+ summary.json for `dvc metrics`, + PNGs).
+curves in one `reports/summary.md` (+ details.json with every number, summary.json for `dvc metrics`, PNGs).
 
-* Models x metrics: mean ± std over seeds (95% t-interval in summary.json). Per metric column the
+* Models x metrics: mean ± std over seeds (95% t-interval in details.json). Per metric column the
   best mean is bold; a † marks a model the paired bootstrap finds significantly worse than that best
   (p < report.alpha): no † means "not distinguishable from the best on this test set".
 * Pairwise, on the primary metric (MAE, or weighted F1 for classification): the difference, its
@@ -286,13 +286,25 @@ def render(ctx: dict, sections: dict, problems: list[str]) -> str:
     return "\n".join(out) + "\n"
 
 
+def lean(record: dict) -> dict:
+    """What `dvc metrics show` gets: per model each metric's mean and std; per ablation its difference and p."""
+    metric = PRIMARY[record["task"]]
+    return {"flags": len(record["flags"]),
+            "models": {g: {f"{m}{suffix}": s[stat] for m, s in stats.items() for suffix, stat in (("", "mean"), ("_std", "std"))}
+                       for g, stats in record["models"].items()},
+            "ablations": {name: {f"{metric}_diff": a["vs_full"]["diff"], "p": a["vs_full"]["p"]}
+                          for name, a in record["ablations"].items()}}
+
+
 def write(out_dir, markdown: str, record: dict, groups: dict[str, Group], metric: str) -> None:
+    """summary.md, details.json (everything), summary.json (for `dvc metrics`), figures/."""
     from .figures import seed_spread
 
     out = Path(out_dir)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     (out / "summary.md").write_text(markdown)
-    (out / "summary.json").write_text(json.dumps(record, indent=1, default=float) + "\n")
+    (out / "details.json").write_text(json.dumps(record, indent=1, default=float) + "\n")
+    (out / "summary.json").write_text(json.dumps(lean(record), indent=1, default=float) + "\n")
     stats = record["models"]
     seed_spread({g: groups[g].values(metric) for g in groups}, {g: stats[g][metric]["ci"] for g in groups}, metric,
                 out / "figures" / f"seeds_{metric}.png", f"test {LABELS.get(metric, metric)} per seed (line: 95% CI)")

@@ -349,7 +349,8 @@ def summarize(measured: dict, cfg: RobustnessParams, modalities: list[str], prim
 
 def write_outputs(out_dir: str | Path, summary: dict, points: dict, task: str, data_meta: dict,
                   train_seeds: dict[str, list[int]]) -> None:
-    """robustness.json (for `dvc metrics`), curves/<curve>/<model>.json (for `dvc plots`), plots/<curve>.png."""
+    """details.json (every metric: mean over levels and AUC, mean ± std over seeds), robustness.json (for
+    `dvc metrics`: the primary metric only), curves/<curve>/<model>.json (for `dvc plots`), plots/<curve>.png."""
     import json
 
     from .evaluation import PRIMARY
@@ -365,5 +366,10 @@ def write_outputs(out_dir: str | Path, summary: dict, points: dict, task: str, d
             (out / "curves" / curve / f"{name}.json").write_text(json.dumps(series, indent=1) + "\n")
         xlabel = {"noise": "SNR (dB)", "subsets": "modalities missing"}.get(curve.split("-")[0], "drop rate")
         robustness_curve(by_model, metric, xlabel, out / "plots" / f"{curve}.png", f"test {metric}: {curve}")
-    record = {"data": data_meta.get("provenance"), "task": task, "train_seeds": train_seeds, "models": summary}
-    (out / "robustness.json").write_text(json.dumps(record, indent=1) + "\n")
+    details = {"data": data_meta.get("provenance"), "task": task, "train_seeds": train_seeds, "models": summary}
+    (out / "details.json").write_text(json.dumps(details, indent=1) + "\n")
+    lean = {name: {curve: {f"{kind}_{metric}{suffix}": entry[f"{kind}_{metric}"][stat]
+                           for kind in ("auc", "mean") if f"{kind}_{metric}" in entry
+                           for suffix, stat in (("", "mean"), ("_std", "std"))}
+                   for curve, entry in curves_of.items()} for name, curves_of in summary.items()}
+    (out / "robustness.json").write_text(json.dumps(lean, indent=1) + "\n")

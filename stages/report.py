@@ -1,10 +1,10 @@
 """Stage `report`: one evaluation report from every run of the DAG.
 
-    python -m stages.report models runs reports/robustness/robustness.json reports   (what `dvc repro report` runs)
+    python -m stages.report models runs reports/robustness/details.json reports   (what `dvc repro report` runs)
 
 Reads models/<m> (train@<m>), models/linear_probe (probe), runs/ (seeds and ablations), the
 robustness summary and params `evaluate`, `model.seed`, `report`, `data.root`; writes
-reports/summary.md, summary.json (for `dvc metrics`) and figures/. `python -m tools.readme_tables`
+reports/summary.md, details.json, summary.json (for `dvc metrics`) and figures/. `python -m tools.readme_tables`
 copies its tables into the README.
 """
 import argparse
@@ -33,7 +33,7 @@ if __name__ == "__main__":
     cli = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     cli.add_argument("models", help="the models folder (train@<model> runs and the linear probe)")
     cli.add_argument("runs", help="the runs folder (seeds and ablations)")
-    cli.add_argument("robustness", help="robustness.json written by the robustness stage")
+    cli.add_argument("robustness", help="details.json written by the robustness stage")
     cli.add_argument("out", help="the reports folder to write")
     args = cli.parse_args()
     sys.exit(guarded("report", main, args.models, args.runs, args.robustness, args.out))

@@ -3,8 +3,9 @@
     python -m stages.robustness features/dataset models runs reports/robustness   (what `dvc repro robustness` runs)
 
 Reads the dataset, the runs of evaluate.models (models/<m> and runs/seeds/<m>/seed<k>) and params
-`robustness`, `evaluate`, `model.seed`; writes robustness.json (per model and curve: mean over
-levels and area under the curve, mean ± std over seeds), curves/ (JSON for `dvc plots`) and PNGs.
+`robustness`, `evaluate`, `model.seed`; writes details.json (per model and curve: mean over levels and
+area under the curve of every metric, mean ± std over seeds), robustness.json (the primary metric, for
+`dvc metrics`), curves/ (JSON for `dvc plots`) and plots/ (PNG).
 """
 import argparse
 import sys

@@ -141,7 +141,7 @@ def project(tmp_path_factory):
         _call("ablation", "late-no-acoustic", "features/dataset", "runs/ablations/late-no-acoustic")
         _call("probe", "features/dataset", "models/linear_probe")
         _call("robustness", "features/dataset", "models", "runs", "reports/robustness")
-        _call("report", "models", "runs", "reports/robustness/robustness.json", "reports")
+        _call("report", "models", "runs", "reports/robustness/details.json", "reports")
     finally:
         os.chdir(before)
     return work
@@ -215,14 +215,18 @@ def test_report_tables_flags_and_records(project):
     assert "## Flags" in md and "None: every result" in md
     for row in ("| gexsent | 2 |", "| late_fusion | 2 |", "| linear_probe | 1 |", "| late-no-acoustic | late_fusion |"):
         assert row in md, row
-    record = json.loads((project / "reports" / "summary.json").read_text())
+    record = json.loads((project / "reports" / "details.json").read_text())
     maes = [json.loads((p / "metrics.json").read_text())["test"]["mae"]
             for p in (project / "models/late_fusion", project / "runs/seeds/late_fusion/seed1")]
     assert record["models"]["late_fusion"]["mae"]["mean"] == pytest.approx(np.mean(maes))
     assert record["models"]["late_fusion"]["mae"]["std"] == pytest.approx(np.std(maes, ddof=1))
     assert set(record["pairwise"]) >= {"gexsent vs late_fusion", "late_fusion vs linear_probe"}
     assert (project / "reports" / "figures" / "seeds_mae.png").is_file()
-    rob = json.loads((project / "reports/robustness/robustness.json").read_text())
+    assert json.loads((project / "reports" / "summary.json").read_text())["models"]["late_fusion"]["mae_std"] == \
+        pytest.approx(np.std(maes, ddof=1))                                  # what `dvc metrics show` gets
+    lean = json.loads((project / "reports/robustness/robustness.json").read_text())
+    assert set(lean["gexsent"]["random-visual"]) == {"auc_mae", "auc_mae_std", "mean_mae", "mean_mae_std"}
+    rob = json.loads((project / "reports/robustness/details.json").read_text())
     assert set(rob["models"]["gexsent"]) == {"random-visual", "block-visual", "noise-visual", "random-acoustic",
                                              "block-acoustic", "noise-acoustic", "subsets"}
     assert rob["models"]["gexsent"]["random-visual"]["auc_mae"]["n"] == 2

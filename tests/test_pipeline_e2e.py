@@ -86,7 +86,7 @@ def test_the_report_on_the_demo(project):
     assert "None: every result comes from the same manifest and split" in summary
     for m in MODELS + ("linear_probe",):
         assert f"| {m} | 1 |" in summary, m
-    robustness = json.loads((work / "reports" / "robustness" / "robustness.json").read_text())
+    robustness = json.loads((work / "reports" / "robustness" / "details.json").read_text())
     assert set(robustness["models"]) == set(MODELS)
     assert set(robustness["models"]["gce"]) == {"random-all", "block-all", "noise-all", "subsets"}
 
