@@ -234,11 +234,12 @@ def flags(all_runs: list, robustness: dict | None) -> list[str]:
 
 # --------------------------------------------------------------------------- the report
 
-def build(raw: dict, models_dir, runs_dir, probe_dir, robustness_path, cfg: ReportParams) -> tuple[str, dict, dict]:
+def build(raw: dict, models_dir, robustness_path, cfg: ReportParams) -> tuple[str, dict, dict]:
     """(summary.md text, summary.json record, groups) from every run the DAG produced."""
-    base = runs.base_runs(raw, models_dir, runs_dir)
+    base = runs.base_runs(raw, models_dir)
     compared_names = [*base, runs.PROBE]
-    named = {**base, runs.PROBE: [runs.read_run(probe_dir, runs.PROBE, None)], **runs.ablation_runs(raw, runs_dir)}
+    probe = runs.read_run(Path(models_dir) / runs.PROBE, runs.PROBE, None)
+    named = {**base, runs.PROBE: [probe], **runs.ablation_runs(raw, models_dir)}
     groups, labels, task, classes = groups_of(named)
     metric = PRIMARY[task]
     metrics = [m for m in LABELS if m in named[compared_names[0]][0].metrics["test"]]

@@ -3,8 +3,8 @@
 Layout (all written by DVC stages, read by `report`):
 
     models/<model>/                  train@<model>: the run at model.seed (every model train@ trained is reported)
-    runs/seeds/<model>/seed<k>/      seeds@<model>-<k>: the same model at seed k (evaluate.seeds)
-    runs/ablations/<name>/seed<k>/   ablation@<name>: one ablation at model.seed and every evaluate.seeds
+    models/seeds/<model>/seed<k>/    seeds@<model>-<k>: the same model at seed k (evaluate.seeds)
+    models/ablations/<name>/seed<k>/ ablation@<name>: one ablation at model.seed and every evaluate.seeds
                                      (or at its own `seeds`)
     models/linear_probe/             probe: ridge / logistic regression on pooled features
 
@@ -105,31 +105,31 @@ def read_run(path: str | Path, name: str, seed: int | None) -> Run:
                pd.read_csv(path / "plots" / "test_predictions.csv").set_index("id"))
 
 
-def base_run_dirs(raw: dict, models_dir: str | Path, runs_dir: str | Path) -> dict[str, list[tuple[int, Path]]]:
+def base_run_dirs(raw: dict, models_dir: str | Path) -> dict[str, list[tuple[int, Path]]]:
     """model -> [(seed, folder)] for every model train@ trained (models/<m>, at model.seed), plus
-    runs/seeds/<m>/seed<k> for each of evaluate.seeds when the model is in evaluate.models."""
+    models/seeds/<m>/seed<k> for each of evaluate.seeds when the model is in evaluate.models."""
     cfg, all_seeds = params.read(raw, EvaluateParams), seeds(raw)
-    trained = sorted(p.parent.name for p in Path(models_dir).glob("*/metrics.json") if p.parent.name != PROBE)
+    trained = sorted(p.parent.name for p in Path(models_dir).glob("*/metrics.json") if p.parent.name != PROBE)  # not seeds/, ablations/
     names = [m for m in cfg.models if m in trained] + [m for m in trained if m not in cfg.models]
     missing = [m for m in cfg.models if m not in trained]
     if missing:
         raise UserError(f"no trained {', '.join(missing)} in {models_dir}: run `dvc repro` (train@<model>)")
     return {m: [(all_seeds[0], Path(models_dir) / m)] +
-               ([(s, Path(runs_dir) / "seeds" / m / f"seed{s}") for s in all_seeds[1:]] if m in cfg.models else [])
+               ([(s, Path(models_dir) / "seeds" / m / f"seed{s}") for s in all_seeds[1:]] if m in cfg.models else [])
             for m in names}
 
 
-def base_runs(raw: dict, models_dir: str | Path, runs_dir: str | Path) -> dict[str, list[Run]]:
+def base_runs(raw: dict, models_dir: str | Path) -> dict[str, list[Run]]:
     """Every evaluated model at every seed."""
     return {model: [read_run(path, model, seed) for seed, path in dirs]
-            for model, dirs in base_run_dirs(raw, models_dir, runs_dir).items()}
+            for model, dirs in base_run_dirs(raw, models_dir).items()}
 
 
 def ablation_seeds(raw: dict, ablation: Ablation) -> list[int]:
     return ablation.seeds or seeds(raw)
 
 
-def ablation_runs(raw: dict, runs_dir: str | Path) -> dict[str, list[Run]]:
+def ablation_runs(raw: dict, models_dir: str | Path) -> dict[str, list[Run]]:
     cfg = params.read(raw, EvaluateParams)
-    return {name: [read_run(Path(runs_dir) / "ablations" / name / f"seed{s}", name, s) for s in ablation_seeds(raw, spec)]
+    return {name: [read_run(Path(models_dir) / "ablations" / name / f"seed{s}", name, s) for s in ablation_seeds(raw, spec)]
             for name, spec in cfg.ablations.items()}

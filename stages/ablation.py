@@ -1,7 +1,7 @@
 """Stage `ablation@<name>`: train one ablation (evaluate.ablations.<name>: a model and its overrides)
 at model.seed and every evaluate.seeds, so the report can pair it with the full model seed by seed.
 
-    python -m stages.ablation gce-no-contrastive features/dataset runs/ablations/gce-no-contrastive
+    python -m stages.ablation gce-no-contrastive features/dataset models/ablations/gce-no-contrastive
 
 Writes <out>/seed<k>/ (model.pt, metrics.json with the data hashes, plots/) per seed.
 """

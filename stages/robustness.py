@@ -1,8 +1,8 @@
 """Stage `robustness`: every evaluated model (at every seed) scored on corrupted test inputs, no retraining.
 
-    python -m stages.robustness features/dataset models runs reports/robustness   (what `dvc repro robustness` runs)
+    python -m stages.robustness features/dataset models reports/robustness   (what `dvc repro robustness` runs)
 
-Reads the dataset, the runs of evaluate.models (models/<m> and runs/seeds/<m>/seed<k>) and params
+Reads the dataset, the runs of every trained model (models/<m> and models/seeds/<m>/seed<k>) and params
 `robustness`, `evaluate`, `model.seed`; writes details.json (per model and curve: mean over levels and
 area under the curve of every metric, mean ± std over seeds), robustness.json (the primary metric, for
 `dvc metrics`), curves/ (JSON for `dvc plots`) and plots/ (PNG).
@@ -18,13 +18,13 @@ from pipeline.evaluation import PRIMARY
 from pipeline.robustness import RobustnessParams, load_scored, measure, summarize, write_outputs
 
 
-def main(dataset: str, models: str, runs_dir: str, out: str) -> int:
+def main(dataset: str, models: str, out: str) -> int:
     raw = params.load()
     cfg = params.read(raw, RobustnessParams)
     require(dataset, "assemble")
     started = time.time()
     scored = []
-    for name, dirs in runs.base_run_dirs(raw, models, runs_dir).items():
+    for name, dirs in runs.base_run_dirs(raw, models).items():
         for seed, path in dirs:
             if cfg.train_seeds and seed not in cfg.train_seeds:
                 continue
@@ -41,8 +41,7 @@ def main(dataset: str, models: str, runs_dir: str, out: str) -> int:
 if __name__ == "__main__":
     cli = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     cli.add_argument("dataset", help="the folder written by `assemble`")
-    cli.add_argument("models", help="the models folder (train@<model> runs)")
-    cli.add_argument("runs", help="the runs folder (runs/seeds/<model>/seed<k>: seeds@<model>-<seed>)")
+    cli.add_argument("models", help="the models folder (train@<model> runs, seeds/)")
     cli.add_argument("out", help="the folder to write")
     args = cli.parse_args()
-    sys.exit(guarded("robustness", main, args.dataset, args.models, args.runs, args.out))
+    sys.exit(guarded("robustness", main, args.dataset, args.models, args.out))

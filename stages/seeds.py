@@ -1,7 +1,7 @@
 """Stage `seeds@<model>-<seed>`: train one model at one more seed (a `matrix` over evaluate.models x
 evaluate.seeds in dvc.yaml; model.seed itself is train@<model>).
 
-    python -m stages.seeds gce 1 features/dataset runs/gce/seed1     (what `dvc repro seeds@gce-1` runs)
+    python -m stages.seeds gce 1 features/dataset models/seeds/gce/seed1     (what `dvc repro seeds@gce-1` runs)
 
 Reads the dataset folder and params `model` + `<model>`; writes <out>/model.pt, metrics.json
 (with the data hashes) and plots/, as train@<model> does.

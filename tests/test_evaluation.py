@@ -137,11 +137,11 @@ def project(tmp_path_factory):
     try:
         for model in FAST["evaluate.models"]:
             _call("train", model, "features/dataset", f"models/{model}")
-            _call("seeds", model, 1, "features/dataset", f"runs/seeds/{model}/seed1")
-        _call("ablation", "late-no-acoustic", "features/dataset", "runs/ablations/late-no-acoustic")
+            _call("seeds", model, 1, "features/dataset", f"models/seeds/{model}/seed1")
+        _call("ablation", "late-no-acoustic", "features/dataset", "models/ablations/late-no-acoustic")
         _call("probe", "features/dataset", "models/linear_probe")
-        _call("robustness", "features/dataset", "models", "runs", "reports/robustness")
-        _call("report", "models", "runs", "reports/robustness/details.json", "reports")
+        _call("robustness", "features/dataset", "models", "reports/robustness")
+        _call("report", "models", "reports/robustness/details.json", "reports")
     finally:
         os.chdir(before)
     return work
@@ -169,7 +169,7 @@ def test_rate_zero_is_the_plain_test_metric(project):
             assert got == pytest.approx({k: v for k, v in written.items()}, abs=2e-6), (protocol, name)
     curve = json.loads((project / "reports/robustness/curves/random-visual/gexsent.json").read_text())
     seeds = [json.loads((p / "metrics.json").read_text())["test"]["mae"]
-             for p in (project / "models/gexsent", project / "runs/seeds/gexsent/seed1")]
+             for p in (project / "models/gexsent", project / "models/seeds/gexsent/seed1")]
     assert curve[0]["level"] == 0.0 and curve[0]["mae"] == pytest.approx(np.mean(seeds), abs=2e-6)
 
 
@@ -217,7 +217,7 @@ def test_report_tables_flags_and_records(project):
         assert row in md, row
     record = json.loads((project / "reports" / "details.json").read_text())
     maes = [json.loads((p / "metrics.json").read_text())["test"]["mae"]
-            for p in (project / "models/late_fusion", project / "runs/seeds/late_fusion/seed1")]
+            for p in (project / "models/late_fusion", project / "models/seeds/late_fusion/seed1")]
     assert record["models"]["late_fusion"]["mae"]["mean"] == pytest.approx(np.mean(maes))
     assert record["models"]["late_fusion"]["mae"]["std"] == pytest.approx(np.std(maes, ddof=1))
     assert set(record["pairwise"]) >= {"gexsent vs late_fusion", "late_fusion vs linear_probe"}
@@ -231,7 +231,7 @@ def test_report_tables_flags_and_records(project):
                                              "block-acoustic", "noise-acoustic", "subsets"}
     assert rob["models"]["gexsent"]["random-visual"]["auc_mae"]["n"] == 2
     assert len(rob["models"]["gexsent"]["subsets"]["levels"]) == 6           # each modality or pair missing
-    for run in ("models/gexsent", "runs/seeds/gexsent/seed1", "runs/ablations/late-no-acoustic/seed1", "models/linear_probe"):
+    for run in ("models/gexsent", "models/seeds/gexsent/seed1", "models/ablations/late-no-acoustic/seed1", "models/linear_probe"):
         written = json.loads((project / run / "metrics.json").read_text())
         assert written["data"] == rob["data"] and written["selection"]["split"] == "valid", run
 
@@ -240,14 +240,14 @@ def test_every_trained_model_is_reported_with_the_seeds_it_has(project):
     from pipeline import runs
 
     raw = yaml.safe_load((project / "params.yaml").read_text())
-    dirs = runs.base_run_dirs(raw, project / "models", project / "runs")
+    dirs = runs.base_run_dirs(raw, project / "models")
     assert [s for s, _ in dirs["gexsent"]] == [0, 1] and list(dirs) == ["gexsent", "late_fusion"]
     params.assign(raw, "evaluate.models=[late_fusion]")       # gexsent: trained by train@ only, so one seed
-    dirs = runs.base_run_dirs(raw, project / "models", project / "runs")
+    dirs = runs.base_run_dirs(raw, project / "models")
     assert list(dirs) == ["late_fusion", "gexsent"] and [s for s, _ in dirs["gexsent"]] == [0]
     params.assign(raw, "evaluate.models=[gce]")
     with pytest.raises(Exception, match="no trained gce in"):
-        runs.base_run_dirs(raw, project / "models", project / "runs")
+        runs.base_run_dirs(raw, project / "models")
 
 
 def test_report_flags_mixed_data_and_selection_off_validation(project, tmp_path):
