@@ -20,6 +20,7 @@ its mask is all False at training time.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -33,7 +34,11 @@ import pyarrow.parquet as pq
 import torch
 
 from . import presets, schema
+from .errors import UserError
 from .params import fail, ge, param, section
+
+# the manifest columns that say what the data is (not where it lies): hashed into every result
+CONTENT_COLUMNS = ("id", "video_id", "split", "label", "label_name", "text", "content_hash")
 
 
 @section("assemble")
@@ -41,6 +46,8 @@ from .params import fail, ge, param, section
 class AssembleParams:
     max_steps: dict[str, int] = param({"text": 64, "visual": 32, "acoustic": 128}, ge(0),
                                       "per modality: longer sequences are mean-pooled down to this many steps (0 = no cap)")
+    allow_shared_videos: bool = param(False, doc="let a video_id (speaker/video) appear in two splits; "
+                                                 "false: assemble fails on it (leakage guard)")
 
     def __post_init__(self):
         for m in self.max_steps:
@@ -135,6 +142,32 @@ def _assemble_modality(m: schema.Modality, path: Path, out: Path, row_of: dict[s
     return info, norm
 
 
+def provenance(manifest: pd.DataFrame) -> dict:
+    """Content hashes of a manifest and of its split (sha256 of canonical CSV text): results carry them, so a
+    report can tell which data and which split each number came from."""
+    columns = [c for c in CONTENT_COLUMNS if c in manifest.columns]
+    content = manifest[columns].sort_values("id").to_csv(index=False)
+    split = "".join(f"{i}\t{s}\n" for i, s in sorted(zip(manifest["id"], manifest["split"])))
+    return {"manifest_sha256": hashlib.sha256(content.encode()).hexdigest(),
+            "split_sha256": hashlib.sha256(split.encode()).hexdigest()}
+
+
+def shared_videos(manifest: pd.DataFrame) -> dict[str, list[str]]:
+    """video_id -> its splits, for every video_id found in more than one split."""
+    splits = manifest.groupby("video_id")["split"].unique()
+    return {str(v): sorted(s) for v, s in splits.items() if len(s) > 1}
+
+
+def _check_leakage(manifest: pd.DataFrame, allow: bool) -> dict[str, list[str]]:
+    shared = shared_videos(manifest)
+    if shared and not allow:
+        video, splits = next(iter(shared.items()))
+        raise UserError(f"video_id {video!r} appears in splits {' and '.join(splits)} ({len(shared)} video(s) shared "
+                        f"across splits: speaker leakage); use a speaker-independent split or set "
+                        f"assemble.allow_shared_videos: true")
+    return shared
+
+
 def assemble(manifest_path: str | Path, feature_paths: dict[str, str | Path], out_dir: str | Path,
              cfg: AssembleParams | None = None) -> dict:
     """Build the training set folder from the manifest and whichever feature tables exist; returns its meta."""
@@ -142,6 +175,7 @@ def assemble(manifest_path: str | Path, feature_paths: dict[str, str | Path], ou
     manifest = pd.read_parquet(manifest_path)
     manifest_meta = schema.read_meta(manifest_path)
     task = manifest_meta.get("task") or "regression"
+    shared = _check_leakage(manifest, cfg.allow_shared_videos)
     row_of = {sid: i for i, sid in enumerate(manifest["id"])}
     is_train = manifest["split"].to_numpy() == "train"
     out = Path(str(out_dir) + ".tmp")
@@ -150,7 +184,8 @@ def assemble(manifest_path: str | Path, feature_paths: dict[str, str | Path], ou
     meta = {"task": task, "classes": manifest_meta.get("classes") if task == "classification" else None,
             "conventions": manifest_meta.get("conventions") or presets.DEFAULT,
             "segments": len(manifest), "max_steps": dict(cfg.max_steps),
-            "splits": manifest["split"].value_counts().to_dict(), "modalities": {}, "skipped": {}}
+            "splits": manifest["split"].value_counts().to_dict(), "modalities": {}, "skipped": {},
+            "provenance": {**provenance(manifest), "shared_videos": len(shared)}}
     norm = {}
     for name, m in schema.REGISTRY.items():
         path = Path(feature_paths.get(name, ""))

@@ -13,6 +13,7 @@ import sys
 from pipeline import params
 from pipeline.errors import guarded, require
 from pipeline.models import MODELS
+from pipeline.provenance import stamp
 from pipeline.train import TrainingFailed, TrainParams, train_model
 
 
@@ -23,6 +24,7 @@ def main(name: str, dataset: str, out: str) -> int:
     require(dataset, "assemble")
     try:
         result = train_model(name, dataset, out, cfg, params.as_dict(arch))
+        stamp(f"{out}/metrics.json", dataset)  # the data hashes and the selection split, for the report (rank 0)
     except TrainingFailed as err:  # a non-finite loss or gradient, or no finite validation score
         if os.environ.get("RANK", "0") == "0":  # every rank stops; rank 0 knows what is on disk
             print(f"train: {err}", file=sys.stderr)

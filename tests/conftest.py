@@ -88,7 +88,7 @@ def write_fake_features(root: Path, n: int = 60, dims=None, seed: int = 0, task:
     splits = np.array(["train"] * (n // 2) + ["valid"] * (n // 4) + ["test"] * (n - n // 2 - n // 4))
     parts = rng.uniform(-1, 1, (n, len(dims)))
     labels = np.clip(parts.sum(1), -3, 3).round(1)
-    ids = [f"v{i % 6}/{i}" for i in range(n)]
+    ids = [f"{split[:2]}{i % 3}/{i}" for i, split in enumerate(splits)]  # speaker-independent: no video in two splits
     manifest = pd.DataFrame({"id": ids, "video_id": [i.split("/")[0] for i in ids], "clip_id": [i.split("/")[1] for i in ids],
                              "split": splits, "label": labels.astype(float), "label_name": "", "text": "x"})
     if task == "classification":

@@ -23,7 +23,7 @@ from conftest import REPO, write_fake_features
 from pipeline import params, schema
 from pipeline.errors import ParamError, guarded
 
-STAGES = ("prepare", "text", "visual", "acoustic", "assemble", "train")
+STAGES = ("prepare", "text", "visual", "acoustic", "assemble", "train", "probe", "seeds", "ablation", "robustness", "report")
 
 
 def _import_all():

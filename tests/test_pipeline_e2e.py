@@ -20,6 +20,12 @@ from conftest import REPO
 
 MODELS = ("gexsent", "gce", "text_only", "late_fusion")
 FUSION_MARGIN = 0.15  # test MAE points by which each fusion model must beat text_only
+# The evaluation stages at CI size (README "Evaluation"): one seed, one cheap ablation, a coarse robustness grid
+SMALL_EVALUATION = {"evaluate.seeds": [], "report.bootstrap": 500,
+                    "evaluate.ablations": {"late_fusion-no-acoustic": {"model": "late_fusion",
+                                                                       "set": ["model.modalities=[text, visual]"]}},
+                    "robustness.rates": [0.0, 0.5, 1.0], "robustness.seeds": [0], "robustness.snr_db": [10.0]}
+EVALUATION_STAGES = ("probe", "ablation@late_fusion-no-acoustic", "robustness", "report")
 
 
 def _run(args, cwd, env):
@@ -38,6 +44,14 @@ def project(tmp_path_factory):
     for f in files:
         (work / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / f, work / f)
+    import yaml
+
+    from pipeline.params import assign
+
+    raw = yaml.safe_load((work / "params.yaml").read_text())
+    for key, value in SMALL_EVALUATION.items():
+        assign(raw, f"{key}={json.dumps(value)}")
+    (work / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"], "PYTHONPATH": str(work),
            "MSA_CACHE_DIR": str(work.parent / "cache"), "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
@@ -53,7 +67,7 @@ def project(tmp_path_factory):
 
 def test_repro_runs_every_stage_and_is_then_up_to_date(project):
     work, env, log = project
-    for stage in ("prepare", "text", "visual", "acoustic", "assemble") + tuple(f"train@{m}" for m in MODELS):
+    for stage in ("prepare", "text", "visual", "acoustic", "assemble") + tuple(f"train@{m}" for m in MODELS) + EVALUATION_STAGES:
         assert f"Running stage '{stage}'" in log, stage
     for m in MODELS:
         assert (work / "models" / m / "model.pt").is_file()
@@ -62,6 +76,19 @@ def test_repro_runs_every_stage_and_is_then_up_to_date(project):
     again = _run(["dvc", "repro"], work, env)
     assert "Running stage" not in again
     assert "up to date" in _run(["dvc", "status"], work, env)
+
+
+def test_the_report_on_the_demo(project):
+    work, _, _ = project
+    summary = (work / "reports" / "summary.md").read_text()
+    for table in ("models", "pairwise", "ablations", "robustness", "subsets"):
+        assert f"<!-- table: {table} -->" in summary, table
+    assert "None: every result comes from the same manifest and split" in summary
+    for m in MODELS + ("linear_probe",):
+        assert f"| {m} | 1 |" in summary, m
+    robustness = json.loads((work / "reports" / "robustness" / "details.json").read_text())
+    assert set(robustness["models"]) == set(MODELS)
+    assert set(robustness["models"]["gce"]) == {"random-all", "block-all", "noise-all", "subsets"}
 
 
 def test_fusion_beats_text_only_on_the_demo(project):
@@ -76,7 +103,8 @@ def test_exp_run_retrains_only_and_metrics_differ(project):
     work, env, _ = project
     log = _run(["dvc", "exp", "run", "-S", "model.lr=0.0003"], work, env)
     ran = set(re.findall(r"Running stage '([^']+)'", log))
-    assert ran == {f"train@{m}" for m in MODELS}, ran
+    # training and what reads the trained models; never the features, nor the probe (it reads no model.* but modalities)
+    assert ran == {f"train@{m}" for m in MODELS} | set(EVALUATION_STAGES) - {"probe"}, ran
     shown = subprocess.run(["dvc", "exp", "show", "--json"], cwd=work, env=env, capture_output=True, text=True).stdout
     text = json.dumps(json.loads(shown))
     for m in MODELS:
