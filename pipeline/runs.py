@@ -58,8 +58,13 @@ class EvaluateParams:
     models: list[str] = param(["gexsent", "gce", "text_only", "late_fusion"],
                               doc="models trained at every seed (any other model train@ trained is reported at model.seed)")
     ablations: dict[str, Ablation] = param(
-        {"gexsent-no-acoustic": Ablation("gexsent", ["model.modalities=[text, visual]"])},
-        doc="name -> {model, set}: trained at model.seed and every seed, compared with the full model")
+        {"gce-reference": Ablation("gce", ["gce.variant=reference"]),
+         "gce-no-relation": Ablation("gce", ["gce.ablate=[relation]"]),
+         "gexsent-reference": Ablation("gexsent", ["gexsent.variant=reference"]),
+         "gexsent-no-experts": Ablation("gexsent", ["gexsent.ablate=[experts]"]),
+         "gexsent-no-acoustic": Ablation("gexsent", ["model.modalities=[text, visual]"])},
+        doc="name -> {model, set}: trained at model.seed and every seed, compared with the full model "
+            "(the demo's five; the full list: README 'Evaluation')")
 
     def __post_init__(self):
         for name in self.ablations:
