@@ -28,7 +28,8 @@ has a lower peak for that reason alone.
 
 `pickle` writes a synthetic MMSA pickle of CMU-MOSEI's size (22,856 segments, 16326/1871/4659;
 text 768-d, audio 74-d, vision 35-d, 50 steps each: 4.0 GB), streamed so the writer stays small,
-runs the whole DAG on it with `dvc repro` (data.format mmsa, preset mosei, one epoch per model) in a
+runs the DAG on it up to every trained model and the probe (`dvc repro train probe`; data.format mmsa,
+preset mosei, one epoch per model) in a
 throw-away git + DVC copy of the project, and prints the peak RSS (VmHWM) of every stage process.
 
 `train` writes MOSI-sized feature tables (2,199 segments, 1,284 train; text 768-d x
@@ -427,7 +428,10 @@ def pickle_dag(args) -> int:
         project, env = _dvc_project(workdir, raw)
         peaks: dict = {}
         t = time.perf_counter()
-        done, tree_peak, _ = run_sampling_rss(["dvc", "repro"], interval=0.2, peaks=peaks, cwd=project, env=env)
+        # the data path up to every trained model and the probe; the evaluation stages (more seeds, ablations,
+        # robustness) repeat training and scoring at the same per-process sizes
+        done, tree_peak, _ = run_sampling_rss(["dvc", "repro", "train", "probe"], interval=0.2, peaks=peaks,
+                                              cwd=project, env=env)
         wall = time.perf_counter() - t
         if done.returncode != 0:
             raise RuntimeError(f"dvc repro failed:\n{done.stdout[-3000:]}")

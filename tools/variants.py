@@ -4,8 +4,10 @@
     python -m tools.variants compare --seeds 0 1 2 3 4    # GCE and GEXSent, reference vs improved, on the demo
 
 Both train in-process with `train_model` and the params' defaults (model.threads 1), the demo from
-`features/dataset` (run `dvc repro assemble` first), and print Markdown tables of mean ± std over seeds
-(README "Models: reference vs improved" quotes them). --out writes every run as JSON.
+`features/dataset` (run `dvc repro assemble` first), and print Markdown tables of mean ± std over seeds.
+--out writes every run as JSON; --md writes the tables between `<!-- table: NAME -->` markers, which
+`python -m tools.readme_tables variants-relation relation.md` (or variants-compare) copies into the README;
+--runs re-renders the tables from a saved --out file without training.
 
 `relation` trains GCE, each variant with the relation loss on and off (`gce.ablate: [relation]`), on two
 corpora whose complementarity is known:
@@ -144,20 +146,34 @@ def main(argv=None) -> int:
     cli.add_argument("--models", nargs="+", default=["gce", "gexsent"], choices=["gce", "gexsent"],
                      help="compare only: GCE's demo runs are the same as relation's with the relation loss on")
     cli.add_argument("--out", help="write every run as JSON here")
+    cli.add_argument("--md", help="write the tables with README markers here (tools.readme_tables reads it)")
+    cli.add_argument("--runs", help="a saved --out file: render its tables, train nothing")
     args = cli.parse_args(argv)
+    if args.runs:
+        return render(args, json.loads(Path(args.runs).read_text()))
     if not Path("features/dataset/meta.json").is_file():
         print("variants: no features/dataset here: run `dvc repro assemble` first (from the repository root)", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory() as tmp:
-        if args.study == "relation":
-            runs = relation(args, Path(tmp))
-            print(table(runs, ["corpus", "variant", "relation"], ["mae", "corr"]) + "\n")
-            print(table([r for r in runs if r["relation"]], ["corpus", "variant"], ["w_mean", "w_std", "w_corr"]))
-        else:
-            runs = compare(args, Path(tmp))
-            print(table(runs, ["model", "variant"], ["mae", "corr", "best_epoch"]))
+        runs = relation(args, Path(tmp)) if args.study == "relation" else compare(args, Path(tmp))
     if args.out:
         Path(args.out).write_text(json.dumps(runs, indent=1) + "\n")
+    return render(args, runs)
+
+
+def render(args, runs: list[dict]) -> int:
+    """Print the study's tables; with --md also write them between the markers tools.readme_tables reads."""
+    if args.study == "relation":
+        tables = {"metrics": table(runs, ["corpus", "variant", "relation"], ["mae", "corr"]),
+                  "filter": table([r for r in runs if r["relation"]], ["corpus", "variant"], ["w_mean", "w_std", "w_corr"])}
+    else:
+        tables = {"metrics": table(runs, ["model", "variant"], ["mae", "corr", "best_epoch"])}
+    print("\n\n".join(tables.values()))
+    if args.md:
+        seeds = sorted({r["seed"] for r in runs})
+        Path(args.md).write_text(f"Data from `python -m tools.variants {args.study}`, seeds {', '.join(map(str, seeds))}; "
+                                 "mean ± std (sample std) over seeds.\n\n" +
+                                 "".join(f"<!-- table: {name} -->\n{body}\n<!-- /table -->\n\n" for name, body in tables.items()))
     return 0
 
 

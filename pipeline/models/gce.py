@@ -213,7 +213,7 @@ class RelationFilter(nn.Module):
     it needs labels, so nothing is left to apply or explain at test time), and normalising the
     reference's w across the batch (it spreads w, but from no signal about which samples are complementary).
 
-    ``python -m tools.relation_study`` measures both filters (spread of w across samples, correlation
+    ``python -m tools.variants relation`` measures both filters (spread of w across samples, correlation
     with the complementarity known by construction, relation loss on/off over seeds); README
     "Models: reference vs improved".
     """
