@@ -29,7 +29,7 @@ SMALL_GCE = {"visual_d_model": 8, "acoustic_d_model": 8, "encoder_layers": 1, "e
              "utterance_dim": 8, "pair_dim": 8, "fusion_dim": 16, "head_hidden": 16, "relation_dim": 8,
              "contrastive_dim": 8, "dropout": 0.0, "grading_ratio": 0.95}  # a loose ratio: the relation loss fires
 CASES = {  # case -> (model, its params section, model.* overrides)
-    "gce": ("gce", SMALL_GCE, {}),
+    "gce": ("gce", {**SMALL_GCE, "grading": "sample"}, {}),  # per-sample guides: fire on these data whatever the order
     "gce_reference": ("gce", {**SMALL_GCE, "variant": "reference", "encoder_ff_dim": 16}, {}),  # filter unused in some steps
     "gexsent": ("gexsent", {"d_model": 16, "n_experts": 4, "expert_hidden": 16, "n_heads": 2, "head_hidden": 16,
                             "dropout": 0.0, "balance_weight": 1.0}, {}),  # a balance loss strong enough to matter
