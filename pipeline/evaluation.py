@@ -102,9 +102,10 @@ def _rowwise_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(den > 0, (a * b).sum(1) / np.where(den > 0, den, 1), np.nan)
 
 
-def batched_metrics(task: str, num_classes: int = 0) -> Callable[[np.ndarray, np.ndarray], dict]:
-    """metrics.py's definitions, row-wise over (n_boot, N) arrays (tests check they agree), so a bootstrap
-    of thousands of replicates takes seconds rather than minutes."""
+def batched_metrics(task: str, num_classes: int = 0, family: str = "mosi") -> Callable[[np.ndarray, np.ndarray], dict]:
+    """metrics.py's definitions (regression: the preset's metric family, mosi or sims), row-wise over
+    (n_boot, N) arrays (tests check they agree), so a bootstrap of thousands of replicates takes
+    seconds rather than minutes."""
     def regression(pred, true):
         non0 = true != 0
         out = {"mae": np.abs(pred - true).mean(1), "corr": _rowwise_pearson(pred, true),
@@ -114,6 +115,20 @@ def batched_metrics(task: str, num_classes: int = 0) -> Callable[[np.ndarray, np
                "f1_non0": _weighted_binary_f1(true > 0, pred > 0, non0)}
         for name, bound in (("acc5", 2.0), ("acc7", 3.0)):
             out[name] = (np.round(np.clip(pred, -bound, bound)) == np.round(np.clip(true, -bound, bound))).mean(1)
+        return out
+
+    def sims(pred, true):
+        from .metrics import sims_bins
+
+        def bins(x, classes):
+            return sims_bins(x, classes).reshape(x.shape)
+
+        # as metrics.sims_metrics: float32 values (MMSA's), clipped to [-1, 1], then float64 sums
+        p, t = (np.clip(np.asarray(x, np.float32), -1, 1).astype(np.float64) for x in (pred, true))
+        out = {"mae": np.abs(p - t).mean(1), "corr": _rowwise_pearson(p, t)}
+        for classes in (2, 3, 5):
+            out[f"acc{classes}"] = (bins(pred, classes) == bins(true, classes)).mean(1)
+        out["f1"] = _weighted_binary_f1(bins(true, 2) == 1, bins(pred, 2) == 1, np.ones(true.shape, bool))
         return out
 
     def classification(pred, true):
@@ -127,7 +142,7 @@ def batched_metrics(task: str, num_classes: int = 0) -> Callable[[np.ndarray, np
         return {"accuracy": (pred == true).mean(1), "macro_f1": f1.mean(1),
                 "weighted_f1": (f1 * support).sum(1) / np.maximum(support.sum(1), 1)}
 
-    return classification if task == "classification" else regression
+    return classification if task == "classification" else sims if family == "sims" else regression
 
 
 def compare(observed_a: float, observed_b: float, boot_a: np.ndarray, boot_b: np.ndarray, metric: str,

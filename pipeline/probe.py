@@ -62,10 +62,10 @@ def _predict(task: str, model, x: np.ndarray, num_classes: int) -> np.ndarray:
     return out
 
 
-def _score(task: str, pred: np.ndarray, y: np.ndarray, num_classes: int) -> dict:
+def _score(task: str, pred: np.ndarray, y: np.ndarray, num_classes: int, family: str) -> dict:
     if task == "classification":
         return classification_metrics(pred, y, num_classes)[0]
-    return regression_metrics(pred, y)
+    return regression_metrics(pred, y, family)
 
 
 def _select_loss(task: str, pred: np.ndarray, y: np.ndarray) -> float:
@@ -85,7 +85,9 @@ def fit_probe(dataset_dir: str | Path, out_dir: str | Path, cfg: ProbeParams, mo
     losses = {a: _select_loss(data.task, _predict(data.task, f, x["valid"], len(classes)), y["valid"]) for a, f in fits.items()}
     alpha = min(losses, key=losses.get)
     preds = {s: _predict(data.task, fits[alpha], x[s], len(classes)) for s in ("valid", "test")}
-    result = {s: {k: None if v is None else round(v, 6) for k, v in _score(data.task, preds[s], y[s], len(classes)).items()}
+    family = data.conventions["metrics"]  # the preset's regression metrics (MOSI's or CH-SIMS's)
+    result = {s: {k: None if v is None else round(v, 6) for k, v in _score(data.task, preds[s], y[s], len(classes),
+                                                                           family).items()}
               for s in ("test", "valid")}
     result.update(alpha=alpha, valid_loss={str(a): round(v, 6) for a, v in losses.items()},
                   modalities=data.modalities, features=int(x["train"].shape[1]))

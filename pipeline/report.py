@@ -30,9 +30,10 @@ from .evaluation import LOWER_IS_BETTER, PRIMARY, batched_metrics, bootstrap_rep
 from .params import between, ge, param, section
 
 LABELS = {"mae": "MAE", "corr": "Corr", "acc2_has0": "Acc-2 has0", "acc2_non0": "Acc-2 non0", "f1_has0": "F1 has0",
-          "f1_non0": "F1 non0", "acc5": "Acc-5", "acc7": "Acc-7", "accuracy": "Acc", "macro_f1": "Macro-F1",
-          "weighted_f1": "Weighted-F1"}
-PERCENT = {"acc2_has0", "acc2_non0", "f1_has0", "f1_non0", "acc5", "acc7", "accuracy", "macro_f1", "weighted_f1"}
+          "f1_non0": "F1 non0", "acc2": "Acc-2", "acc3": "Acc-3", "f1": "F1", "acc5": "Acc-5", "acc7": "Acc-7",
+          "accuracy": "Acc", "macro_f1": "Macro-F1", "weighted_f1": "Weighted-F1"}
+PERCENT = {"acc2_has0", "acc2_non0", "f1_has0", "f1_non0", "acc2", "acc3", "f1", "acc5", "acc7", "accuracy", "macro_f1",
+           "weighted_f1"}
 
 
 @section("report")
@@ -243,7 +244,8 @@ def build(raw: dict, models_dir, robustness_path, cfg: ReportParams) -> tuple[st
     groups, labels, task, classes = groups_of(named)
     metric = PRIMARY[task]
     metrics = [m for m in LABELS if m in named[compared_names[0]][0].metrics["test"]]
-    boot = bootstrap_replicates({g: groups[g].preds for g in groups}, labels, batched_metrics(task, len(classes)),
+    family = "sims" if "acc3" in named[compared_names[0]][0].metrics["test"] else "mosi"  # CH-SIMS's metrics have Acc-3
+    boot = bootstrap_replicates({g: groups[g].preds for g in groups}, labels, batched_metrics(task, len(classes), family),
                                 cfg.bootstrap)
     compared = {g: groups[g] for g in compared_names}
     models_md, stats = model_table(compared, boot, metrics, cfg)

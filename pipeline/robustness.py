@@ -7,7 +7,8 @@ Protocols (the field's conventions, so the numbers compare with papers):
   tokenizer's unknown token, special tokens ([CLS], [SEP], ...) are kept, and the transcript is
   re-encoded with the dataset's own text encoder (stored token states are frozen encoder outputs:
   dropping a token changes every state). A model that fine-tunes the encoder gets the ids
-  directly. A dropped visual/acoustic step becomes a zero feature vector before normalisation, i.e.
+  directly. Text read from a feature pickle (no encoder to re-run) drops its steps as the other
+  modalities do. A dropped visual/acoustic step becomes a zero feature vector before normalisation, i.e.
   `to_model_input` of zeros, clip(-mean / std) — what the papers' zero padding is to a model fed
   normalised features.
 * `block` — structural drop (OpenVNA `feat_structural_drop`, MultiBench): one contiguous block of
@@ -149,6 +150,9 @@ class Corruptor:
                      .astype(schema.STORE_DTYPE) for m in data.modalities}
         self.reencode_text = reencode_text  # some model reads the stored text states
         self._encoder = None
+        # text features read from a feature pickle have no encoder to re-run: their steps drop as vectors
+        text = data.meta["modalities"].get("text") or {}
+        self.text_by_token = (text.get("encoder") or {}).get("source") != "pickle"
 
     def encoder(self) -> TextReencoder:
         if self._encoder is None:
@@ -184,7 +188,7 @@ class Corruptor:
     def _drop_one(self, seg: dict, m: schema.Modality, protocol: str, rate: float, rng) -> bool:
         """Corrupt one modality of one segment in place; True when its token ids changed (re-encode them)."""
         keys = m.batch_keys()
-        by_token = m.token_ids is not None and keys["token_ids"] in seg
+        by_token = self.text_by_token and m.token_ids is not None and keys["token_ids"] in seg
         steps = np.asarray(seg[keys["token_ids"] if by_token else keys["sequence"]])
         if rate <= 0 or len(steps) == 0:
             return False
@@ -247,10 +251,10 @@ def predict(run: Scored, segments: list[dict], batch_size: int) -> np.ndarray:
     return torch.cat(outs).numpy()
 
 
-def metrics_of(task: str, pred: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
+def metrics_of(task: str, pred: np.ndarray, labels: np.ndarray, num_classes: int, family: str = "mosi") -> dict:
     if task == "classification":
         return classification_metrics(pred, labels, num_classes)[0]
-    return regression_metrics(pred, labels)
+    return regression_metrics(pred, labels, family)
 
 
 @dataclass
@@ -293,6 +297,7 @@ def measure(data: AssembledData, scored: list[Scored], cfg: RobustnessParams, pr
     reencode = any("text" in s.dims and not s.finetune for s in scored)
     corruptor = Corruptor(data, rows, reencode)
     out = {}
+    family = data.conventions["metrics"]
     for curve in curves(cfg, data.modalities):
         table = out.setdefault(curve.name, {})
         for level in curve.levels:
@@ -301,7 +306,7 @@ def measure(data: AssembledData, scored: list[Scored], cfg: RobustnessParams, pr
                 segments = corrupted(corruptor, curve, level, mask_seed)
                 for s in scored:
                     pred = predict(s, segments, cfg.batch_size)
-                    per_seed[(s.name, s.seed)].append(metrics_of(data.task, pred, labels, num_classes))
+                    per_seed[(s.name, s.seed)].append(metrics_of(data.task, pred, labels, num_classes, family))
             for (name, seed), values in per_seed.items():
                 table.setdefault(name, {}).setdefault(seed, []).append(values)
         progress(f"robustness: {curve.name} done ({len(curve.levels)} levels)")

@@ -86,6 +86,14 @@ def test_batched_metrics_equal_the_metrics_module():
     for b in range(len(true)):
         for key, value in regression_metrics(pred[b], true[b]).items():
             assert (value is None and np.isnan(fast[key][b])) or fast[key][b] == pytest.approx(value, abs=1e-12), key
+    sims_true = np.clip(np.round(true / 3, 1), -1, 1)                 # CH-SIMS: [-1, 1], ties at the bin edges
+    sims_pred = np.round(np.clip(pred / 3, -1.2, 1.2), 1)
+    sims_pred[2, :5] = [-0.7, -0.1, 0.0, 0.1, 0.7]
+    fast = batched_metrics("regression", family="sims")(sims_pred, sims_true)
+    assert set(fast) == {"mae", "corr", "acc2", "acc3", "acc5", "f1"}
+    for b in range(len(true)):
+        for key, value in regression_metrics(sims_pred[b], sims_true[b], "sims").items():
+            assert (value is None and np.isnan(fast[key][b])) or fast[key][b] == pytest.approx(value, abs=1e-9), key
     yc, pc = rng.integers(0, 3, (30, 20)), rng.integers(0, 3, (30, 20))
     fast = batched_metrics("classification", 4)(pc, yc)                # class 3 never occurs
     for b in range(len(yc)):

@@ -472,8 +472,8 @@ def write_synthetic_features(root: Path, segments: int, n_train: int, n_valid: i
 
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
-    ids = [f"v{i // 20:04d}/{i % 20}" for i in range(segments)]
     split = np.array(["train"] * n_train + ["valid"] * n_valid + ["test"] * (segments - n_train - n_valid))
+    ids = [f"{split[i][:2]}{i // 20:04d}/{i % 20}" for i in range(segments)]  # no video in two splits
     pd.DataFrame({"id": ids, "video_id": [i.split("/")[0] for i in ids], "clip_id": [i.split("/")[1] for i in ids],
                   "split": split, "label": rng.uniform(-3, 3, segments).round(1) if labels is None else labels,
                   "label_name": "",
