@@ -116,9 +116,9 @@ class TextReencoder:
         """Model inputs per id sequence. Sequences seen before come from a cache (at high drop rates many
         transcripts collapse to the same [CLS] [UNK] ... [SEP]); the rest are encoded in length-sorted batches."""
         keys = [np.asarray(x, np.int64).tobytes() for x in ids]
+        if len(self.cache) + len(set(keys) - self.cache.keys()) > CACHE_ENTRIES:
+            self.cache.clear()  # before choosing what to encode: a cleared entry must be encoded again
         todo = sorted({k: x for k, x in zip(keys, ids) if k not in self.cache}.items(), key=lambda kv: len(kv[1]))
-        if len(self.cache) + len(todo) > CACHE_ENTRIES:
-            self.cache.clear()
         for start in range(0, len(todo), batch_size):
             self._encode(todo[start:start + batch_size])
         return [self.cache[k] for k in keys]

@@ -336,9 +336,10 @@ def test_ablations_are_overrides_checked_like_exp_run():
     assert Ablation("gexsent", ["gexsent.ablate=[experts]"]).set == ["gexsent.ablate=[experts]"]
 
 
-def test_text_drop_keeps_special_tokens_and_reencodes_as_the_text_stage(tmp_path):
+def test_text_drop_keeps_special_tokens_and_reencodes_as_the_text_stage(tmp_path, monkeypatch):
     """Dropped tokens become [UNK], [CLS]/[SEP] stay, and re-encoding unchanged ids gives back the stored inputs."""
     from pipeline.dataset import AssembledData, assemble
+    from pipeline import robustness
     from pipeline.features import text as text_stage
     from pipeline.robustness import Corruptor
 
@@ -356,6 +357,9 @@ def test_text_drop_keeps_special_tokens_and_reencodes_as_the_text_stage(tmp_path
         assert new["text"].dtype == seg["text"].dtype and new["text"].shape == seg["text"].shape
         np.testing.assert_allclose(new["text"].astype(np.float32), seg["text"].astype(np.float32), atol=2e-2)
         np.testing.assert_allclose(new["text_pooled"], seg["text_pooled"], atol=1e-3)
+    monkeypatch.setattr(robustness, "CACHE_ENTRIES", len(again))  # full: the next call clears the cache
+    again_and_more = encoder([seg["text_token_ids"] for seg in corruptor.clean] + [np.array([101, 100, 102])])
+    assert len(again_and_more) == len(again) + 1                       # cached entries survive the clearing
     dropped = corruptor.drop("random", 0.5, 0, ["text"])
     changed = 0
     for seg, new in zip(corruptor.clean, dropped):
