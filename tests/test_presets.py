@@ -164,7 +164,7 @@ def test_predict_clips_and_names_scores_by_the_checkpoint(sims_model, monkeypatc
 
     model_dir, _, _ = sims_model
     monkeypatch.setattr(predict, "model_inputs", lambda clip, text, ckpt, cache_root=None: ({"text": np.zeros((1, 8))}, []))
-    monkeypatch.setattr(predict, "score", lambda model, ckpt, segment: torch.tensor([raw]))
+    monkeypatch.setattr(predict, "forward", lambda model, ckpt, segment: {"pred": torch.tensor([raw])})
     result = predict.predict_clip(None, "fine", model_dir)
     assert (result["score"], result["score_class"], result["binary"]) == (pytest.approx(score), score_class, binary)
 
