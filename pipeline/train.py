@@ -2,7 +2,8 @@
 
 The loop follows a `Recipe`: optimizer, learning rates, batch, epochs, schedule, clipping and loss.
 `ours` (the `model` params): AdamW, linear warmup then cosine decay, early stopping on validation
-MAE (regression) or loss (classification), each gradient norm clipped apart (`clip_gradients`).
+MAE (regression) or loss (classification), the prediction path's gradient norm clipped apart
+from the detached branches' (`clip_gradients`).
 `<model>.recipe: published` trains GEXSent and GCE as their published code does (the model file's
 PUBLISHED_RECIPE, each value with its source or marked assumed; docs/models.md). bf16 autocast
 on CUDA. The checkpoint chosen on validation gives every test metric (no per-metric best epoch).
@@ -248,10 +249,12 @@ class Loss:
 
 
 def _three_class_loss(out: dict, label: torch.Tensor, task: str) -> torch.Tensor:
+    """Cross-entropy of the 3 sentiment classes (ClassScore's logits) against the scores' classes."""
     return F.cross_entropy(out["class_logits"].float(), sentiment_class(label))
 
 
 def _valid_three_class_loss(run: "Run", valid_pred: np.ndarray) -> float:
+    """The same on the validation split: what the published recipe selects on and steps its plateau with."""
     logits = predict_rows(run.model, run.data, run.rows["valid"], run.device, run.cfg.eval_batch_size,
                           run.cfg.text_finetune, output="class_logits")
     classes = sentiment_class(torch.from_numpy(run.data.labels[run.rows["valid"]]))

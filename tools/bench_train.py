@@ -87,7 +87,7 @@ def ddp(args) -> None:
         print(f"| {r['model']} | {r['seed']} | {r['single']['mae']:.3f} | {r['ddp']['mae']:.3f} | "
               f"{r['ddp']['mae'] - r['single']['mae']:+.3f} |")
     print("\n| model | 1 process (mean ± std) | 2 ranks (mean ± std) | mean difference | largest per-seed "
-          "|difference| | verdict |\n|---|---|---|---|---|---|")
+          "difference (absolute) | verdict |\n|---|---|---|---|---|---|")
     for model in args.models:
         one = np.array([r["single"]["mae"] for r in rows if r["model"] == model])
         two = np.array([r["ddp"]["mae"] for r in rows if r["model"] == model])
