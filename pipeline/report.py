@@ -181,14 +181,12 @@ def ablation_table(groups: dict[str, Group], ablations: dict, boot: dict, metric
     return table("ablations", header, rows), records
 
 
-IDLE = {"relation": "the relation loss never fired", "grading": "grading never chose a guide"}
-
-
 def never_acted(groups: dict[str, Group], ablations: dict) -> str:
     """Notes for ablations whose removed component never acted in the full model's runs (same seeds) before
     their selected epoch (interpret/summary.json's `acted`): such an ablation can only measure seed noise."""
     import yaml
 
+    idle_words = {"relation": "the relation loss never fired", "grading": "grading never chose a guide"}
     notes = []
     for name, spec in ablations.items():
         if spec.model not in groups or name not in groups:
@@ -202,7 +200,7 @@ def never_acted(groups: dict[str, Group], ablations: dict) -> str:
             idle = [r.seed for r, rec in zip(full_runs, records) if rec is not None and rec["steps"] == 0]
             if idle:
                 where = "in every run" if len(idle) == len(full_runs) else f"at seed {', '.join(map(str, idle))}"
-                notes.append(f"- {name}: {IDLE.get(component, f'{component} never acted')} before the selected epoch "
+                notes.append(f"- {name}: {idle_words.get(component, f'{component} never acted')} before the selected epoch "
                              f"in the full model ({spec.model}) {where}"
                              + (": this ablation measures seed noise." if len(idle) == len(full_runs) else "."))
     return "\n" + "\n".join(notes) + "\n" if notes else ""
