@@ -22,9 +22,9 @@ the ``model`` params. docs/models.md has the measurements.
 | heads and graders | ``SubNet``: Linear+tanh, Linear+tanh, then 5 linear maps with no activation (128-64-32-16-8-1) | ``MLPHead``: Linear-GELU-Linear | five stacked linear maps are one linear map, worse conditioned |
 | contrastive | ``Clip``: a projected then normalised, b normalised then projected, logits x log(1/0.07) = 2.66 | both projected and normalised, logits x 1/0.07 = 14.3 (CLIP) | the reference's b side is not unit length and its scale is the log of CLIP's |
 | grading | mean L1 error per pair grader on the batch; the best pair guides pair s if err_g < 0.7 err_s | same (``grading: batch``); ``sample`` gives each sample its own guide | |
-| relation filter | one w = sigmoid(W_e[W z_g; W z_s] / 8) shared by all pairs, trained only by the relation loss it multiplies | one per (guide, student), with a hidden layer, trained to predict where the guide is clearly better (``RelationFilter``) | the reference's w can only shrink: a fading global scale, not a filter |
+| relation filter | one w = sigmoid(W_e[W z_g; W z_s] / 8) shared by all pairs, trained only by the relation loss it multiplies | one per (guide, student), with a hidden layer, trained to predict where the guide is clearly better (``RelationFilter``) | the reference's w can only shrink: a global scale, not a filter |
 | missing modality | not handled | learned stand-in vector; pairs, grading and losses masked per sample | real corpora have clips without audio or video |
-| several GPUs | one GPU | InfoNCE, Gram matrices, grading and graders over the global batch (``global_batch``) | N ranks x B/N = one process x B |
+| several GPUs | one GPU | InfoNCE, Gram matrices, grading and the graders' losses over the global batch (``global_batch``); the graders run on each rank's rows (their dropout is per rank) and their predictions are gathered | N ranks x B/N = one process x B |
 
 Both variants keep padding masks everywhere (the reference pads with zeros and masks its encoders too).
 
