@@ -9,7 +9,10 @@ Per run (rank 0, after the checkpoint chosen on validation is reloaded) `write` 
 GEXSent: expert utilisation per modality (fraction of routings per expert and its entropy, on the
 test split and per training epoch), modality-gate shares per test sample and their mean per label
 class (the reference variant has no gate: its shares are the token counts its pooled mean weighs).
-GCE: per training epoch, the samples each pair guided, how often the relation loss fired, each pair
+GCE: which components acted before the selected epoch, and when (`acted`: the steps where grading
+chose a guide, where the relation loss fired, where the contrastive, grader and filter losses were
+non-zero: an ablation of a component that never acted there can only measure seed noise); per training
+epoch, the samples each pair guided, how often the relation loss fired, each pair
 grader's error and the relation filter's w (mean and spread across samples); on the test split, the
 distribution of w per (guide, student) pair, its correlation with the measured advantage of the guide
 (error_student - error_guide), and which pair's grader is best per sample.
@@ -17,7 +20,8 @@ Baselines: each modality's share of the first layer's weight norm (their inputs 
 normalised, so the shares compare).
 
 Statistics come from the models' ``extras``: ``extras["stats"]`` holds per-batch sums (added up per
-epoch by the trainer, `add_stats`), the other entries are per-sample tensors (`combine`).
+epoch by the trainer, `add_stats`) and per-step flags (keys ``step_*``, kept in order), the other
+entries are per-sample tensors (`combine`).
 """
 from __future__ import annotations
 
@@ -34,11 +38,24 @@ from .metrics import score_classes
 PER_SAMPLE = ("modality_weights", "relation_weights", "expert_weight_", "grader_preds")
 
 
+def fusion_of(model):
+    """The fusion model inside its wrappers (text fine-tuning, 3-class scoring): each keeps it as `.fusion`."""
+    while hasattr(model, "fusion"):
+        model = model.fusion
+    return model
+
+
 def add_stats(total: dict, stats: dict | None) -> None:
-    """Add one batch's ``extras["stats"]`` (tensors of sums) into `total`, in float64 on the CPU."""
+    """Add one batch's ``extras["stats"]`` (tensors of sums) into `total`, in float64 on the CPU; per-step
+    flags (``step_*``) are appended instead, one entry per step."""
     for key, value in (stats or {}).items():
         value = value.detach().double().cpu()
-        total[key] = total[key] + value if key in total else value
+        if key not in total:
+            total[key] = value
+        elif key.startswith("step_"):
+            total[key] = torch.cat([total[key], value])
+        else:
+            total[key] = total[key] + value
 
 
 def combine(extras: list[dict]) -> dict:
@@ -61,14 +78,16 @@ def combine(extras: list[dict]) -> dict:
 
 
 def write(name: str, model, out_dir: Path, epoch_stats: list[dict], extras: dict, labels: np.ndarray,
-          ids: np.ndarray, classes: list[str] | None, family: str = "mosi") -> dict:
+          ids: np.ndarray, classes: list[str] | None, family: str = "mosi", selected_epoch: int | None = None) -> dict:
     """interpret.json + interpret/ for model `name` (a bare fusion model) -> the summary written. Regression
-    labels are grouped by the metric family's finest classes (MOSI's 7, CH-SIMS's 5)."""
+    labels are grouped by the metric family's finest classes (MOSI's 7, CH-SIMS's 5); `selected_epoch`
+    (default: the last) bounds which training steps count as having shaped the checkpoint."""
     folder = Path(out_dir) / "interpret"
     folder.mkdir(parents=True, exist_ok=True)
     epochs = [{k: np.asarray(v) for k, v in s.items()} for s in epoch_stats]
     if name == "gce":
         summary, tables, figure = _gce(model, epochs, extras, labels, ids, classes)
+        summary["acted"] = acted(epochs, selected_epoch or len(epochs))
     elif name == "gexsent":
         summary, tables, figure = _gexsent(model, epochs, extras, labels, ids, classes, family)
     else:
@@ -87,6 +106,8 @@ def write(name: str, model, out_dir: Path, epoch_stats: list[dict], extras: dict
 def headlines(summary: dict) -> dict:
     """The few numbers `dvc metrics show` lists next to the test metrics (the rest is in interpret/summary.json)."""
     out = {k: summary[k] for k in ("expert_entropy", "modality_share", "relation_fired_batches") if k in summary}
+    if "relation" in summary.get("acted", {}):  # the rest of `acted` is in summary.json
+        out["relation_steps_to_selection"] = summary["acted"]["relation"]["steps"]
     if "input_weight_share" in summary:
         out["input_share"] = summary["input_weight_share"]
     weights = list(summary.get("relation_weight", {}).values())
@@ -99,6 +120,22 @@ def headlines(summary: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- GCE
+
+def acted(epochs: list[dict], selected_epoch: int) -> dict:
+    """Per component with per-step flags (``step_<component>``), over the training steps up to the end of the
+    selected epoch: on how many it acted, of how many, and the first (global step, 1-based, and its epoch);
+    a component with no flags (ablated, or with one modality nothing to grade) is not listed."""
+    record = {"selected_epoch": selected_epoch}
+    kept = epochs[:selected_epoch]
+    for key in sorted({k for st in kept for k in st if k.startswith("step_")}):
+        flags = [np.asarray(st.get(key, []), bool).reshape(-1) for st in kept]
+        steps = np.concatenate(flags) if flags else np.zeros(0, bool)
+        first = int(np.argmax(steps)) + 1 if steps.any() else None
+        first_epoch = next((e for e, f in enumerate(flags, 1) if f.any()), None)
+        record[key[len("step_"):]] = {"steps": int(steps.sum()), "of": int(len(steps)), "first_step": first,
+                                      "first_epoch": first_epoch}
+    return record
+
 
 def _gce(model, epochs, extras, labels, ids, classes):
     pairs = list(model.pair_names)
@@ -197,7 +234,7 @@ def _gexsent(model, epochs, extras, labels, ids, classes, family):
 def explain(name: str, model, extras: dict) -> list[str]:
     """Lines for `predict --explain`: the modality shares and top experts (GEXSent), the pair graders and
     the relation filter's most trusted guide (GCE), the input weight shares (baselines)."""
-    model = getattr(model, "fusion", model)
+    model = fusion_of(model)
     if name == "gexsent":
         shares = extras["modality_weights"][0]
         lines = ["modality shares: " + ", ".join(f"{m} {v:.2f}" for m, v in zip(model.modalities, shares.tolist()))]

@@ -181,6 +181,31 @@ def ablation_table(groups: dict[str, Group], ablations: dict, boot: dict, metric
     return table("ablations", header, rows), records
 
 
+def never_acted(groups: dict[str, Group], ablations: dict) -> str:
+    """Notes for ablations whose removed component never acted in the full model's runs (same seeds) before
+    their selected epoch (interpret/summary.json's `acted`): such an ablation can only measure seed noise."""
+    import yaml
+
+    idle_words = {"relation": "the relation loss never fired", "grading": "grading never chose a guide"}
+    notes = []
+    for name, spec in ablations.items():
+        if spec.model not in groups or name not in groups:
+            continue
+        removed = [c for item in spec.set if item.startswith(f"{spec.model}.ablate=")
+                   for c in yaml.safe_load(item.split("=", 1)[1]) or []]
+        full_runs = [r for r in groups[spec.model].runs if r.seed in groups[name].seeds()]
+        for component in removed:
+            summaries = [r.path / "interpret" / "summary.json" for r in full_runs]
+            records = [json.loads(f.read_text()).get("acted", {}).get(component) if f.is_file() else None for f in summaries]
+            idle = [r.seed for r, rec in zip(full_runs, records) if rec is not None and rec["steps"] == 0]
+            if idle:
+                where = "in every run" if len(idle) == len(full_runs) else f"at seed {', '.join(map(str, idle))}"
+                notes.append(f"- {name}: {idle_words.get(component, f'{component} never acted')} before the selected epoch "
+                             f"in the full model ({spec.model}) {where}"
+                             + (": this ablation measures seed noise." if len(idle) == len(full_runs) else "."))
+    return "\n" + "\n".join(notes) + "\n" if notes else ""
+
+
 def robustness_tables(record: dict, groups: dict[str, Group], metric: str) -> str:
     """Per model: clean value, AUC of the rate curves, mean over noise levels and over missing-modality subsets."""
     models = [g for g in groups if g in record.get("models", {})]
@@ -252,6 +277,7 @@ def build(raw: dict, models_dir, robustness_path, cfg: ReportParams) -> tuple[st
     pairs_md, pairs = pairwise_table(compared, boot, metric, cfg)
     ablations = params.read(raw, runs.EvaluateParams).ablations
     ablations_md, ablated = ablation_table(groups, ablations, boot, metric, cfg)
+    ablations_md += never_acted(groups, ablations)
     robustness = json.loads(Path(robustness_path).read_text()) if Path(robustness_path).is_file() else None
     problems = flags([r for rs in named.values() for r in rs], robustness)
     data = next((r.metrics.get("data") for rs in named.values() for r in rs if r.metrics.get("data")), None) or {}

@@ -58,9 +58,9 @@ class EvaluateParams:
     models: list[str] = param(["gexsent", "gce", "text_only", "late_fusion"],
                               doc="models trained at every seed (any other model train@ trained is reported at model.seed)")
     ablations: dict[str, Ablation] = param(
-        {"gce-reference": Ablation("gce", ["gce.variant=reference"]),
+        {"gce-reference": Ablation("gce", ["gce.variant=reference", "gce.recipe=published"]),
          "gce-no-relation": Ablation("gce", ["gce.ablate=[relation]"]),
-         "gexsent-reference": Ablation("gexsent", ["gexsent.variant=reference"]),
+         "gexsent-reference": Ablation("gexsent", ["gexsent.variant=reference", "gexsent.recipe=published"]),
          "gexsent-no-experts": Ablation("gexsent", ["gexsent.ablate=[experts]"]),
          "gexsent-no-acoustic": Ablation("gexsent", ["model.modalities=[text, visual]"])},
         doc="name -> {model, set}: trained at model.seed and every seed, compared with the full model "

@@ -1,15 +1,21 @@
 """Train one model on the assembled set, pick the checkpoint on validation, test it once.
 
-The loop: AdamW, gradient clipping, linear warmup then cosine decay, early stopping on
-validation MAE (regression) or loss (classification), bf16 autocast on CUDA. The
-checkpoint chosen on validation gives every test metric (no per-metric best epoch).
+The loop follows a `Recipe`: optimizer, learning rates, batch, epochs, schedule, clipping and loss.
+`ours` (the `model` params): AdamW, linear warmup then cosine decay, early stopping on validation
+MAE (regression) or loss (classification), the prediction path's gradient norm clipped apart
+from the detached branches' (`clip_gradients`).
+`<model>.recipe: published` trains GEXSent and GCE as their published code does (the model file's
+PUBLISHED_RECIPE, each value with its source or marked assumed; docs/models.md). bf16 autocast
+on CUDA. The checkpoint chosen on validation gives every test metric (no per-metric best epoch).
 Deterministic on CPU: same params and seed give an identical metrics.json.
 
 Runs as one process, or under `torchrun --nproc_per_node N` with DistributedDataParallel:
 each rank gets a DistributedSampler shard of the global batch (model.batch_size is the
 global batch size), gradients are averaged by DDP, and the models compute their batch-level
 terms (InfoNCE, Gram matrices, grading, load balance) over the global batch
-(`blocks.global_batch`), so N ranks x B/N train like one process x B. DDP looks for parameters
+(`blocks.global_batch`), so N ranks x B/N train like one process x B. Each rank draws its own
+dropout masks (rank r > 0 from a stream seeded by (seed, r)); a global batch that the ranks cannot
+split evenly stops the run. DDP looks for parameters
 a step left unused (GCE's relation filter when no pair qualifies as a guide, a fine-tuned
 encoder's pooler). Rank 0 alone evaluates, decides early stopping and broadcasts the decision,
 and writes the checkpoint, metrics, dvclive logs, plots and what the model learned
@@ -21,6 +27,7 @@ epoch loop, keeping the best state), then `evaluate` and `write_outputs` on rank
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -39,9 +46,10 @@ from tqdm import tqdm
 
 from . import interpret, plots, schema
 from .dataset import AssembledData
+from .errors import ParamError
 from .metrics import classification_metrics, regression_metrics, score_classes
-from .models import build_model, modalities_read
-from .models.blocks import task_loss
+from .models import MODELS, build_model, modalities_read
+from .models.blocks import ClassScore, class_centers, sentiment_class, task_loss
 from .params import DEVICE, Check, as_dict, between, fail, ge, gt, param, parse, section
 
 # `python` or `torchrun` with plain flags: never a shell snippet (dvc.yaml runs this string; spaces
@@ -133,9 +141,10 @@ def _to(batch: dict, device: torch.device) -> dict:
 
 @torch.no_grad()
 def predict_rows(model, data: AssembledData, rows: np.ndarray, device, batch_size: int, finetune: bool,
-                 with_extras: bool = False):
-    """The model's outputs (eval mode) for these rows: (N,) scores or (N, C) logits; with_extras, also what
-    the model saw (`interpret.combine`: per-sample extras concatenated, stats summed)."""
+                 with_extras: bool = False, output: str = "pred"):
+    """The model's outputs (eval mode) for these rows: (N,) scores or (N, C) logits (`output`: another key of
+    the model's output); with_extras, also what the model saw (`interpret.combine`: per-sample extras
+    concatenated, stats summed)."""
     model.eval()
     outs, extras = [], []
     for start in range(0, len(rows), batch_size):
@@ -143,7 +152,7 @@ def predict_rows(model, data: AssembledData, rows: np.ndarray, device, batch_siz
         batch.pop("label")
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
             out = model(batch)
-        outs.append(out["pred"].float().cpu())
+        outs.append(out[output].float().cpu())
         if with_extras:
             extras.append(out.get("extras", {}))
     pred = torch.cat(outs).numpy() if outs else np.zeros(0)
@@ -174,6 +183,143 @@ def _lr_lambda(total_steps: int, warmup: float):
     return factor
 
 
+# --------------------------------------------------------------------------- the recipe
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a model is trained: `ours` from the `model` params, `published` from the model file's
+    PUBLISHED_RECIPE (values it does not give stay ours; docs/models.md lists each and its source)."""
+    name: str
+    optimizer: str         # a key of OPTIMIZERS
+    lr: float
+    lr_text: float         # the fine-tuned text encoder's learning rate (model.text_finetune)
+    weight_decay: float
+    batch_size: int        # global, split across ranks
+    epochs: int
+    patience: int          # early stopping: epochs without a better validation score; 0 = never stop early
+    schedule: str          # a key of SCHEDULES
+    warmup: float          # warmup_cosine: the fraction of steps warming up
+    plateau_patience: int  # plateau: epochs without a better validation score before the rate drops
+    plateau_factor: float  # plateau: the drop
+    grad_clip: float       # max gradient norm; 0 = no clipping
+    clip_groups: str       # branches: prediction path and detached branches clipped apart | all: one norm
+    loss: str              # a key of LOSSES
+
+
+def recipe_of(name: str, arch: dict, cfg: TrainParams) -> Recipe:
+    """The recipe `<name>.recipe` picks (baselines have no switch: ours)."""
+    ours = Recipe("ours", "adamw", cfg.lr, cfg.lr_text, cfg.weight_decay, cfg.batch_size, cfg.epochs, cfg.patience,
+                  "warmup_cosine", cfg.warmup, 0, 1.0, cfg.grad_clip, "branches", "task")
+    if arch.get("recipe", "ours") == "ours":
+        return ours
+    published = {key: value for key, (value, _source) in MODELS[name].published_recipe.items() if value is not None}
+    return dataclasses.replace(ours, name="published", **published)
+
+
+class Schedule:
+    """A recipe's learning-rate schedule, stepped where it is defined: after every batch, or after every
+    validation on the selection score (every rank gets rank 0's score)."""
+
+    def __init__(self, scheduler, per_batch: bool):
+        self.scheduler, self.per_batch = scheduler, per_batch
+
+    def after_batch(self) -> None:
+        if self.per_batch:
+            self.scheduler.step()
+
+    def after_validation(self, score: float) -> None:
+        if not self.per_batch:
+            self.scheduler.step(score)
+
+
+OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}  # Adam's weight decay is an L2 penalty
+SCHEDULES = {  # name -> (optimizer, recipe, total steps) -> Schedule
+    "warmup_cosine": lambda opt, r, steps: Schedule(torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps, r.warmup)), True),
+    "plateau": lambda opt, r, steps: Schedule(torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, mode="min", patience=r.plateau_patience, factor=r.plateau_factor), False),
+}
+
+
+@dataclass(frozen=True)
+class Loss:
+    """A recipe's task loss: `train(out, label, task)` per batch, and `select(run, valid_pred)`, the validation
+    score that early stopping, the checkpoint choice and a plateau schedule minimise."""
+    train: object
+    select: object
+
+
+def _three_class_loss(out: dict, label: torch.Tensor, task: str) -> torch.Tensor:
+    """Cross-entropy of the 3 sentiment classes (ClassScore's logits) against the scores' classes."""
+    return F.cross_entropy(out["class_logits"].float(), sentiment_class(label))
+
+
+def _valid_three_class_loss(run: "Run", valid_pred: np.ndarray) -> float:
+    """The same on the validation split: what the published recipe selects on and steps its plateau with."""
+    logits = predict_rows(run.model, run.data, run.rows["valid"], run.device, run.cfg.eval_batch_size,
+                          run.cfg.text_finetune, output="class_logits")
+    classes = sentiment_class(torch.from_numpy(run.data.labels[run.rows["valid"]]))
+    return float(F.cross_entropy(torch.from_numpy(logits), classes))
+
+
+LOSSES = {
+    # the task's own loss: L1 on scores, cross-entropy on classes; selection on validation MAE or cross-entropy
+    "task": Loss(lambda out, label, task: task_loss(out["pred"], label, task),
+                 lambda run, pred: _select_score(run.data.task, pred, run.data.labels[run.rows["valid"]])),
+    # a regression corpus as 3 sentiment classes (sign of the score); the score is the expected value (ClassScore)
+    "sentiment3": Loss(_three_class_loss, _valid_three_class_loss),
+}
+
+
+def _for_task(recipe: Recipe, task: str) -> Recipe:
+    """A classification corpus trains on its own classes: the 3-class loss is then the task loss."""
+    return dataclasses.replace(recipe, loss="task") if recipe.loss == "sentiment3" and task != "regression" else recipe
+
+
+def _model_for(name: str, input_dims: dict, task: str, num_classes: int, arch: dict, loss: str,
+               train_labels: np.ndarray | None = None) -> torch.nn.Module:
+    """build_model, or under the 3-class loss on scores the model as a 3-class classifier inside ClassScore
+    (class centers from the training labels; a checkpoint restores them)."""
+    if loss != "sentiment3":
+        return build_model(name, input_dims, task, num_classes, arch)
+    centers = class_centers(train_labels) if train_labels is not None else [-1.0, 0.0, 1.0]
+    return ClassScore(build_model(name, input_dims, "classification", 3, arch), centers)
+
+
+def _clip_groups(model: torch.nn.Module, how: str) -> list[list[torch.nn.Parameter]]:
+    """Parameters clipped together. `branches`: the prediction path, then the branches trained on detached
+    inputs (a model's `detached_branches()`: GCE's graders and relation filter), so their gradients never
+    scale the predictor's step. `all`: one norm over every parameter."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    branches = getattr(interpret.fusion_of(model), "detached_branches", list)() if how == "branches" else []
+    detached = {id(p) for branch in branches for p in branch.parameters()}
+    groups = [[p for p in params if id(p) not in detached], [p for p in params if id(p) in detached]]
+    return [g for g in groups if g]
+
+
+def clip_gradients(groups: list[list[torch.nn.Parameter]], max_norm: float) -> torch.Tensor:
+    """Clip each group's gradient norm to max_norm (0: none) -> the norm over all groups, before clipping."""
+    norms = [torch.nn.utils.clip_grad_norm_(group, max_norm or math.inf) for group in groups]
+    return torch.stack(norms).norm()
+
+
+def _check_batch(recipe: Recipe, name: str, world: int) -> None:
+    """Every rank takes batch_size / world rows: a batch the ranks cannot split evenly stops here (one line)."""
+    if recipe.batch_size % world == 0:
+        return
+    if recipe.name == "ours":
+        raise ParamError(f"model.batch_size: {recipe.batch_size} is not allowed (a multiple of the {world} ranks: "
+                         f"each rank takes an equal share of the global batch)")
+    raise ParamError(f"{name}.recipe: {recipe.name} trains with a global batch of {recipe.batch_size}, which {world} "
+                     f"ranks cannot share equally: run on a divisor of {recipe.batch_size} ranks")
+
+
+def _seed_rank_stream(seed: int, rank: int) -> None:
+    """Rank r > 0 draws dropout masks from its own stream, seeded from (seed, r): without it every rank
+    would repeat rank 0's masks. Rank 0 keeps the seed's stream, so one process trains as before."""
+    if rank:
+        torch.manual_seed(int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]))
+
+
 # --------------------------------------------------------------------------- the steps of a run
 
 @dataclass
@@ -188,10 +334,12 @@ class Run:
     data: AssembledData
     model: torch.nn.Module            # the bare model (checkpoints, evaluation)
     trainable: torch.nn.Module        # the model, or its DDP wrapper (training steps)
+    recipe: Recipe
     sampler: DistributedSampler
     loader: DataLoader
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    schedule: Schedule
+    clip_groups: list                 # parameter groups whose gradient norms are clipped apart
     rows: dict[str, np.ndarray] = field(default_factory=dict)  # split -> dataset rows
     text_encoder: str | None = None
     saved: dict = field(default_factory=dict)  # rank 0: epoch and score of the checkpoint this run wrote last
@@ -235,9 +383,10 @@ def _init_process(cfg: TrainParams) -> tuple[torch.device, int, int, bool]:
     return device, rank, world, owns_group
 
 
-def _build_model(name: str, data: AssembledData, cfg: TrainParams, arch: dict) -> tuple[torch.nn.Module, str | None]:
+def _build_model(name: str, data: AssembledData, cfg: TrainParams, arch: dict, recipe: Recipe,
+                 train_rows: np.ndarray) -> tuple[torch.nn.Module, str | None]:
     num_classes = len(data.meta["classes"] or []) if data.task == "classification" else 1
-    model = build_model(name, data.input_dims, data.task, num_classes, arch)
+    model = _model_for(name, data.input_dims, data.task, num_classes, arch, recipe.loss, data.labels[train_rows])
     text_encoder = None
     if cfg.text_finetune:
         if "text" not in data.modalities:
@@ -248,41 +397,48 @@ def _build_model(name: str, data: AssembledData, cfg: TrainParams, arch: dict) -
 
 
 def setup(name: str, data_dir: str | Path, cfg: TrainParams, arch: dict) -> Run:
-    """Process group, seeds, the data this model reads, the model, its optimiser and the batches."""
+    """Process group, seeds, the data this model reads, the model, its recipe's optimiser and schedule, the batches."""
+    recipe = recipe_of(name, arch, cfg)
+    _check_batch(recipe, name, _dist_info()[2])  # before joining the group: every rank stops with the same line
     device, rank, world, owns_group = _init_process(cfg)
-    wanted = modalities_read(name, cfg.modalities)
+    wanted = modalities_read(name, cfg.modalities, arch)
     data = AssembledData(data_dir, modalities=wanted)
     if not data.modalities:
         raise ValueError(f"{name}: none of the modalities {wanted} has features in {data_dir}")
-    model, text_encoder = _build_model(name, data, cfg, arch)
-    model.to(device)
+    recipe = _for_task(recipe, data.task)
     rows = {s: data.split_rows(s) for s in ("train", "valid", "test")}
     if not all(len(r) for r in rows.values()):
         raise ValueError("need train, valid and test segments, got " + "/".join(str(len(r)) for r in rows.values()))
+    model, text_encoder = _build_model(name, data, cfg, arch, recipe, rows["train"])
+    model.to(device)
     # One DistributedSampler in every mode (one replica when single-process): its seeded
     # permutation is interleaved across ranks, so the N ranks' batches of size B/N together
     # hold exactly the single process's batch of size B, and DDP's averaged gradient matches.
     sampler = DistributedSampler(range(len(rows["train"])), num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
-    loader = DataLoader(range(len(rows["train"])), batch_size=max(1, cfg.batch_size // world), sampler=sampler,
+    loader = DataLoader(range(len(rows["train"])), batch_size=recipe.batch_size // world, sampler=sampler,
                         collate_fn=lambda idx: data.batch(rows["train"][idx], with_token_ids=cfg.text_finetune))
     text_params = {id(p) for p in model.encoder.parameters()} if cfg.text_finetune else set()
-    groups = [{"params": [p for p in model.parameters() if id(p) not in text_params], "lr": cfg.lr}]
+    groups = [{"params": [p for p in model.parameters() if id(p) not in text_params], "lr": recipe.lr}]
     if text_params:
-        groups.append({"params": list(model.encoder.parameters()), "lr": cfg.lr_text})
-    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.epochs * len(loader), cfg.warmup))
+        groups.append({"params": list(model.encoder.parameters()), "lr": recipe.lr_text})
+    optimizer = OPTIMIZERS[recipe.optimizer](groups, weight_decay=recipe.weight_decay)
+    schedule = SCHEDULES[recipe.schedule](optimizer, recipe, recipe.epochs * len(loader))
     trainable = model
     if world > 1:  # a step may leave parameters unused (module docstring): DDP must look for them
         trainable = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
-    run = Run(name, cfg, arch, device, rank, world, data, model, trainable, sampler, loader, optimizer, scheduler,
-              rows, text_encoder, owns_group=owns_group)
+    _seed_rank_stream(cfg.seed, rank)
+    run = Run(name, cfg, arch, device, rank, world, data, model, trainable, recipe, sampler, loader, optimizer, schedule,
+              _clip_groups(model, recipe.clip_groups), rows, text_encoder, owns_group=owns_group)
     dropped = sorted(set(wanted) - set(data.modalities))
     if dropped:
         run.log(f"{name}: no {', '.join(dropped)} features in this dataset ({data.meta.get('skipped')}); training on "
                 f"{', '.join(data.modalities)} only" + ("; GCE runs its unimodal path" if name == "gce" and len(data.modalities) == 1 else ""))
     run.log(f"{name}: {sum(p.numel() for p in model.parameters()):,} parameters, modalities {data.modalities}, "
             f"device {device}, world size {world}")
+    if recipe.name != "ours":
+        run.log(f"{name}: recipe {recipe.name} ({', '.join(f'{k} {v}' for k, v in as_dict(recipe).items() if k != 'name')}); "
+                f"model.lr, batch_size, epochs, patience, weight_decay, warmup and grad_clip are not used")
     return run
 
 
@@ -310,23 +466,23 @@ def train_epoch(run: Run, epoch: int, progress: bool, checkpoint_path: Path) -> 
     run.trainable.train()
     sums, stats = torch.zeros(3, dtype=torch.float64), {}  # task loss x n, total loss x n, n
     show = progress and run.main and sys.stderr.isatty()  # piped logs get the per-epoch line only
-    bar = tqdm(run.loader, desc=f"{run.name} epoch {epoch}/{run.cfg.epochs}", leave=False, disable=not show)
+    bar = tqdm(run.loader, desc=f"{run.name} epoch {epoch}/{run.recipe.epochs}", leave=False, disable=not show)
     for step, batch in enumerate(bar, 1):
         batch = _to(batch, run.device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=run.device.type == "cuda"):
             out = run.trainable(batch)
-        main_loss = task_loss(out["pred"], batch["label"], run.data.task)
+        main_loss = LOSSES[run.recipe.loss].train(out, batch["label"], run.data.task)
         loss = main_loss + sum(out.get("aux", {}).values())
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         # DDP has averaged the gradients, and the losses are summed over ranks: every rank sees the same
-        grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip)
+        grad_norm = clip_gradients(run.clip_groups, run.recipe.grad_clip)
         n = len(batch["label"])
         step_sums = _global_sum(run, torch.tensor([main_loss.item() * n, loss.item() * n, n], dtype=torch.float64))
         if not (torch.isfinite(step_sums).all() and torch.isfinite(grad_norm)):
             raise _non_finite(run, epoch, step, float(step_sums[1] / step_sums[2]), float(grad_norm), checkpoint_path)
         run.optimizer.step()
-        run.scheduler.step()
+        run.schedule.after_batch()
         sums += step_sums
         interpret.add_stats(stats, out.get("extras", {}).get("stats"))
         bar.set_postfix(loss=f"{sums[0] / sums[2]:.4f}", total=f"{sums[1] / sums[2]:.4f}")
@@ -335,8 +491,9 @@ def train_epoch(run: Run, epoch: int, progress: bool, checkpoint_path: Path) -> 
 
 
 def fit(run: Run, out_dir: Path, progress: bool) -> tuple[list[dict], dict]:
-    """Epochs until `epochs` or `patience` without improvement. Rank 0 evaluates, keeps the best state in
-    memory, saves it as model.pt whenever it improves, and decides when to stop; every rank follows.
+    """Epochs until the recipe's `epochs`, or `patience` without improvement. Rank 0 evaluates, keeps the best
+    state in memory, saves it as model.pt whenever it improves, and decides when to stop; every rank follows
+    (and steps a per-validation schedule on rank 0's score).
     Returns (history, best); raises NoCheckpoint when validation was never finite."""
     live = None
     if run.main:
@@ -346,14 +503,14 @@ def fit(run: Run, out_dir: Path, progress: bool) -> tuple[list[dict], dict]:
     checkpoint_path = out_dir / "model.pt"
     best = {"select": math.inf, "epoch": 0, "state": None}
     history: list[dict] = []
-    for epoch in range(1, run.cfg.epochs + 1):
+    for epoch in range(1, run.recipe.epochs + 1):
         record = {"epoch": epoch, **train_epoch(run, epoch, progress, checkpoint_path)}
         history.append(record)
         stop = False
         if run.main:
             valid_pred = run.predict("valid")
             valid_labels = run.data.labels[run.rows["valid"]]
-            record["valid_loss"] = record["select"] = _select_score(run.data.task, valid_pred, valid_labels)
+            record["valid_loss"] = record["select"] = LOSSES[run.recipe.loss].select(run, valid_pred)
             if run.data.task == "regression":
                 record["valid_corr"] = regression_metrics(valid_pred, valid_labels)["corr"] or 0.0
             improved = record["select"] < best["select"] - 1e-6  # a NaN score never improves
@@ -365,12 +522,14 @@ def fit(run: Run, out_dir: Path, progress: bool) -> tuple[list[dict], dict]:
                 if key not in ("epoch", "select", "stats"):
                     live.log_metric(key.replace("_", "/", 1), value)
             live.next_step()
-            run.log(f"{run.name} epoch {epoch:3d}/{run.cfg.epochs}: train loss {record['train_loss']:.4f}, "
+            run.log(f"{run.name} epoch {epoch:3d}/{run.recipe.epochs}: train loss {record['train_loss']:.4f}, "
                     f"valid loss {record['valid_loss']:.4f}" + (" *" if improved else ""))
-            stop = epoch - best["epoch"] >= run.cfg.patience
+            stop = bool(run.recipe.patience) and epoch - best["epoch"] >= run.recipe.patience
             if stop:
                 run.log(f"{run.name}: early stop after epoch {epoch} (best epoch {best['epoch']})")
-        if _from_main(run, float(stop))[0]:
+        stop, score = _from_main(run, float(stop), record.get("select", math.nan))
+        run.schedule.after_validation(score)
+        if stop:
             break
     if live is not None:
         live.end()
@@ -458,7 +617,7 @@ def train_model(name: str, data_dir: str | Path, out_dir: str | Path, cfg: Train
                           params=sum(p.numel() for p in run.model.parameters()))
             run.log(f"{name}: trained {len(history)} epochs in {time.time() - started:.1f} s, best epoch {best['epoch']}")
             write_outputs(run, out_dir, history, result, preds["test"])
-            write_interpretation(run, out_dir, history)
+            write_interpretation(run, out_dir, history, best["epoch"])
         if run.world > 1:
             shared = [result]
             dist.broadcast_object_list(shared, src=0)
@@ -469,15 +628,17 @@ def train_model(name: str, data_dir: str | Path, out_dir: str | Path, cfg: Train
     return result
 
 
-def write_interpretation(run: Run, out_dir: Path, history: list[dict]) -> None:
-    """interpret.json and interpret/ (JSON tables + PNG): what the model saw during training (per epoch)
-    and on the test split (per sample), as `pipeline.interpret` reads it for this model."""
+def write_interpretation(run: Run, out_dir: Path, history: list[dict], selected_epoch: int) -> None:
+    """interpret.json and interpret/ (JSON tables + PNG): what the model saw during training (per epoch, and
+    which components acted before the selected epoch) and on the test split (per sample), as
+    `pipeline.interpret` reads it for this model."""
     rows = run.rows["test"]
     _, extras = predict_rows(run.model, run.data, rows, run.device, run.cfg.eval_batch_size, run.cfg.text_finetune,
                              with_extras=True)
     classes = run.data.meta["classes"] if run.data.task == "classification" else None
-    interpret.write(run.name, getattr(run.model, "fusion", run.model), out_dir, [h["stats"] for h in history], extras,
-                    run.data.labels[rows], run.data.index["id"].to_numpy()[rows], classes, run.data.conventions["metrics"])
+    interpret.write(run.name, interpret.fusion_of(run.model), out_dir, [h["stats"] for h in history], extras,
+                    run.data.labels[rows], run.data.index["id"].to_numpy()[rows], classes, run.data.conventions["metrics"],
+                    selected_epoch)
 
 
 # --------------------------------------------------------------------------- outputs
@@ -519,6 +680,7 @@ def checkpoint(run: Run, epoch: int) -> dict:
         "state_dict": {k: v.detach().cpu() for k, v in run.model.state_dict().items()},
         "config": {"name": run.name, "input_dims": data.input_dims, "task": data.task, "num_classes": run.num_classes,
                    "classes": data.meta["classes"], "arch": dict(run.arch), "train": as_dict(run.cfg),
+                   "recipe": as_dict(run.recipe),
                    "text_finetune": run.cfg.text_finetune, "text_encoder": run.text_encoder,
                    "feature_params": {m: data.meta["modalities"][m]["params"] for m in data.modalities},
                    "encoders": {m: data.meta["modalities"][m]["encoder"] for m in data.modalities},
@@ -535,7 +697,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         path = path / "model.pt"
     ckpt = torch.load(path, map_location=device, weights_only=True)
     cfg = ckpt["config"]
-    model = build_model(cfg["name"], cfg["input_dims"], cfg["task"], cfg["num_classes"], cfg["arch"])
+    loss = cfg.get("recipe", {}).get("loss", "task")  # checkpoints from before recipes: the task loss
+    model = _model_for(cfg["name"], cfg["input_dims"], cfg["task"], cfg["num_classes"], cfg["arch"], loss)
     if cfg["text_finetune"]:
         model = TextFinetune(_load_text_encoder(cfg["text_encoder"]), model)
     model.load_state_dict(ckpt["state_dict"])

@@ -371,3 +371,29 @@ def test_text_drop_keeps_special_tokens_and_reencodes_as_the_text_stage(tmp_path
             changed += 1
             assert not np.allclose(new["text_pooled"], seg["text_pooled"], atol=1e-2)   # re-encoded
     assert changed >= 2
+
+
+def test_report_says_when_an_ablated_component_never_acted(tmp_path):
+    """gce-no-relation against a full GCE whose relation loss never fired before its selected epoch (seed 0, 1) or
+    fired (seed 2): the note names the ablation and says it measures seed noise only when it never fired at all."""
+    from pipeline import runs
+    from pipeline.report import Group, never_acted
+
+    def run(name, seed, relation_steps):
+        folder = tmp_path / name / f"seed{seed}"
+        (folder / "interpret").mkdir(parents=True)
+        acted = {"selected_epoch": 3, "relation": {"steps": relation_steps, "of": 12, "first_step": None, "first_epoch": None},
+                 "contrastive": {"steps": 12, "of": 12, "first_step": 1, "first_epoch": 1}}
+        (folder / "interpret" / "summary.json").write_text(json.dumps({"acted": acted}))
+        return runs.Run(name, seed, folder, {}, None)
+
+    spec = {"gce-no-relation": runs.Ablation("gce", ["gce.ablate=[relation]"]),
+            "gce-no-contrastive": runs.Ablation("gce", ["gce.ablate=[contrastive]"])}
+    ablated = {n: Group(n, [runs.Run(n, s, tmp_path, {}, None) for s in (0, 1)], None) for n in spec}
+    full = Group("gce", [run("gce", 0, 0), run("gce", 1, 0), run("gce", 2, 5)], None)
+    note = never_acted({"gce": full, **ablated}, spec)
+    assert note.strip().splitlines() == ["- gce-no-relation: the relation loss never fired before the selected epoch in "
+                                         "the full model (gce) in every run: this ablation measures seed noise."]
+    ablated["gce-no-relation"].runs.append(runs.Run("gce-no-relation", 2, tmp_path, {}, None))  # seed 2: it fired
+    note = never_acted({"gce": full, **ablated}, spec)
+    assert "at seed 0, 1." in note and "seed noise" not in note

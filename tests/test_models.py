@@ -51,10 +51,11 @@ def one_thread():
 
 
 def small_config(name, **overrides):
-    """SMALL[name] with overrides; under variant reference without the params only `improved` has."""
+    """SMALL[name] with overrides; under variant reference without the params only `improved` has, and a narrow
+    frame encoder."""
     config = {**SMALL[name], **overrides}
     if name == "gexsent" and config.get("variant") == "reference":
-        config = {k: v for k, v in config.items() if k not in pipeline.models.gexsent.IMPROVED_ONLY}
+        config = {"lstm_dim": 16, **{k: v for k, v in config.items() if k not in pipeline.models.gexsent.IMPROVED_ONLY}}
     return config
 
 
@@ -533,10 +534,33 @@ def test_reference_gexsent_linear_experts_use_raw_top2_probabilities():
 
 
 def test_reference_gexsent_weighs_modalities_by_token_count():
-    model = make_model("gexsent:reference").eval()
+    model = make_model("gexsent:reference", reference_acoustic=True).eval()
     batch = make_batch(4)
     counts = torch.stack([batch[f"{m}_mask"].sum(-1) for m in DIMS], -1).float()
     torch.testing.assert_close(model(batch)["extras"]["modality_weights"], counts / counts.sum(-1, keepdim=True))
+
+
+def test_reference_gexsent_is_the_published_model_at_its_published_size():
+    """model.py's MOEModel on text + frames: widths 512, 8 heads, LSTM 35 -> 128 -> 768, experts 768 -> 512,
+    a 3-class linear head; its parameter count recomputed from those shapes, layer by layer."""
+    dims = {"text": 768, "visual": 35, "acoustic": 74}  # ModernBERT-base states, FACET frames; audio it never reads
+    model = build_model("gexsent", dims, "classification", 3, {"variant": "reference"})
+    assert model.modalities == ("text", "visual")  # no acoustic stream
+    lstm = 4 * 128 * (35 + 128 + 2) + 4 * 128 * (128 + 128 + 2) + (128 * 768 + 768)  # 2 layers, then Linear 128 -> 768
+    experts = lambda d_in: (d_in * 10 + 10) + 10 * (d_in * 512 + 512)  # router + 10 linear experts d_in -> 512
+    attention = 4 * (512 * 512 + 512)  # nn.MultiheadAttention(512, 8): in_proj (3 maps) + out_proj
+    gates = 2 * (2 * 512 + 512 * 10 + 10)  # per stream: LayerNorm + Linear(512, 10)
+    gated = 3 * (512 * 512 + 512)  # ModifiedAttentionBlock: Q, K, V, no output projection
+    published = lstm + experts(768) + experts(768) + attention + gates + gated + (512 * 3 + 3)
+    assert sum(p.numel() for p in model.parameters()) == published
+    assert model.self_attention.n_heads == 8 and model.encoders["visual"].lstm.hidden_size == 128
+    with_audio = build_model("gexsent", dims, "classification", 3, {"variant": "reference", "reference_acoustic": True})
+    assert with_audio.modalities == ("text", "visual", "acoustic") and "acoustic" in with_audio.encoders
+    assert pipeline.models.modalities_read("gexsent", ["text", "visual", "acoustic"], {"variant": "reference"}) == [
+        "text", "visual"]
+    assert pipeline.models.modalities_read("gexsent", ["text", "visual", "acoustic"], {}) == ["text", "visual", "acoustic"]
+    with pytest.raises(ParamError, match=r"^gexsent\.reference_acoustic: true is not allowed \(false with variant improved"):
+        build_model("gexsent", DIMS, "regression", 1, {"reference_acoustic": True})
 
 
 # ----------------------------------------------------------------------------- ablation switches

@@ -248,3 +248,105 @@ def test_thread_count_is_a_param(dataset, tmp_path):
     train_model("text_only", dataset, tmp_path / "b", {**FAST, "epochs": 1, "threads": 2}, {}, progress=False)
     assert torch.get_num_threads() == 2
     torch.set_num_threads(1)
+
+
+# --------------------------------------------------------------------------- recipes
+TINY_GEXSENT = {"variant": "reference", "d_model": 8, "n_heads": 2, "n_experts": 4, "lstm_dim": 8, "dropout": 0.0}
+TINY_GCE = {"visual_d_model": 8, "acoustic_d_model": 8, "encoder_layers": 1, "encoder_heads": 2, "encoder_ff_dim": 16,
+            "utterance_dim": 8, "pair_dim": 8, "fusion_dim": 16, "head_hidden": 16, "relation_dim": 8,
+            "contrastive_dim": 8, "dropout": 0.0}
+
+
+def test_published_recipes_are_the_published_codes(dataset):
+    """The values of GExSENT-MOE's main.py / config.py and GCEforMSA's config.py, typed here from the sources."""
+    cfg = train_mod.parse(train_mod.TrainParams, FAST)
+    gexsent = train_mod.setup("gexsent", dataset, cfg, {**TINY_GEXSENT, "recipe": "published"})
+    assert type(gexsent.optimizer) is torch.optim.AdamW and gexsent.loader.batch_size == 4
+    assert gexsent.optimizer.param_groups[0]["lr"] == 1e-4 and gexsent.optimizer.defaults["weight_decay"] == 0.01
+    plateau = gexsent.schedule.scheduler
+    assert isinstance(plateau, torch.optim.lr_scheduler.ReduceLROnPlateau) and (plateau.patience, plateau.factor) == (1, 0.4)
+    assert (gexsent.recipe.epochs, gexsent.recipe.patience, gexsent.recipe.grad_clip, gexsent.recipe.loss) == (
+        10, 0, 0.0, "sentiment3")
+    assert gexsent.data.modalities == ["text", "visual"]  # the published model reads no audio
+
+    gce = train_mod.setup("gce", dataset, cfg, {**TINY_GCE, "variant": "reference", "recipe": "published"})
+    assert type(gce.optimizer) is torch.optim.Adam and gce.loader.batch_size == 128
+    assert gce.optimizer.param_groups[0]["lr"] == 1e-4 and gce.optimizer.defaults["weight_decay"] == 1e-4
+    assert (gce.recipe.lr_text, gce.recipe.epochs, gce.recipe.grad_clip, gce.recipe.plateau_patience) == (5e-5, 40, 1.0, 20)
+    assert len(gce.clip_groups) == 1  # assumed as MMIM's solver: one norm over every parameter
+
+    ours = train_mod.setup("gce", dataset, cfg, TINY_GCE)
+    assert type(ours.optimizer) is torch.optim.AdamW and ours.loader.batch_size == 16 and ours.schedule.per_batch
+
+
+def test_three_class_recipe_scores_a_regression_corpus_by_the_expected_value(dataset, tmp_path):
+    """GEXSent's published loss on scores: 3 classes from the sign, the score the expected value over the classes'
+    mean training labels (recomputed here from the labels and the saved logits)."""
+    result = train_model("gexsent", dataset, tmp_path / "m", FAST, {**TINY_GEXSENT, "recipe": "published"}, progress=False)
+    assert result["epochs_run"] == 10  # no early stopping
+    model, ckpt = load_checkpoint(tmp_path / "m")
+    data = AssembledData(dataset, modalities=["text", "visual"])
+    train_labels, rows = data.labels[data.split_rows("train")], data.split_rows("test")
+    centers = [train_labels[train_labels < 0].mean(), 0.0, train_labels[train_labels > 0].mean()]
+    logits = predict_rows(model, data, rows, torch.device("cpu"), 64, False, output="class_logits")
+    assert logits.shape == (len(rows), 3)
+    expected = torch.softmax(torch.from_numpy(logits).double(), -1).numpy() @ np.array(centers)
+    written = pd.read_csv(tmp_path / "m" / "plots" / "test_predictions.csv")
+    np.testing.assert_allclose(written["pred"], expected, atol=1e-5)
+    assert result["test"]["mae"] == pytest.approx(np.mean(np.abs(expected - data.labels[rows])), abs=1e-5)
+    assert ckpt["config"]["recipe"]["loss"] == "sentiment3"
+
+
+def test_clipping_apart_keeps_the_graders_out_of_the_predictors_step():
+    """GCE's graders train on detached inputs: clipped apart (ours), the prediction path's clipped gradient is the
+    same whatever the graders' loss weight; clipped in one norm (`all`), it is not."""
+    from conftest import REPO  # noqa: F401  (tests run from the repository's test folder)
+    from pipeline.models import build_model
+
+    torch.manual_seed(0)
+    batch = {m: torch.randn(12, 4, 6) for m in MODS}
+    batch.update({f"{m}_mask": torch.ones(12, 4, dtype=torch.bool) for m in MODS}, label=torch.randn(12))
+    grads = {}
+    for how in ("branches", "all"):
+        for weight in (1.0, 1000.0):
+            torch.manual_seed(0)
+            model = build_model("gce", {m: 6 for m in MODS}, "regression", 1, {**TINY_GCE, "grader_weight": weight}).train()
+            out = model(batch)
+            (train_mod.task_loss(out["pred"], batch["label"], "regression") + sum(out["aux"].values())).backward()
+            train_mod.clip_gradients(train_mod._clip_groups(model, how), 0.1)
+            detached = {id(p) for branch in model.detached_branches() for p in branch.parameters()}
+            grads[how, weight] = [p.grad.clone() for p in model.parameters() if id(p) not in detached and p.grad is not None]
+    for a, b in zip(grads["branches", 1.0], grads["branches", 1000.0]):
+        assert torch.equal(a, b)
+    assert not all(torch.equal(a, b) for a, b in zip(grads["all", 1.0], grads["all", 1000.0]))
+
+
+def test_a_batch_the_ranks_cannot_share_stops_with_one_line(dataset, tmp_path, monkeypatch, capsys):
+    from pipeline.errors import ParamError, guarded
+    from stages import train as stage
+
+    monkeypatch.setenv("WORLD_SIZE", "3")  # checked before any process group is joined
+    with pytest.raises(ParamError, match=r"^gexsent\.recipe: published trains with a global batch of 4, which 3 ranks"):
+        train_model("gexsent", dataset, tmp_path / "g", FAST, {**TINY_GEXSENT, "recipe": "published"}, progress=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"model": FAST}))
+    (tmp_path / "features").mkdir()
+    (tmp_path / "features" / "dataset").symlink_to(dataset)
+    assert guarded("train", stage.main, "text_only", "features/dataset", "models/text_only") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["train: model.batch_size: 16 is not allowed (a multiple of the 3 ranks: each rank takes an equal "
+                   "share of the global batch)"]
+
+
+@pytest.mark.parametrize("ratio,fires", [(1e-6, False), (10.0, True)])
+def test_gce_records_when_its_components_acted_before_the_selected_epoch(dataset, tmp_path, ratio, fires):
+    result = train_model("gce", dataset, tmp_path / "m", FAST, {**TINY_GCE, "grading_ratio": ratio}, progress=False)
+    acted = json.loads((tmp_path / "m" / "interpret" / "summary.json").read_text())["acted"]
+    steps = result["best_epoch"] * -(-len(AssembledData(dataset).split_rows("train")) // FAST["batch_size"])
+    assert acted["selected_epoch"] == result["best_epoch"]
+    for component in ("relation", "grading"):  # a guide teaches only where it is clearly better (ratio x error)
+        assert acted[component] == ({"steps": steps, "of": steps, "first_step": 1, "first_epoch": 1} if fires else
+                                    {"steps": 0, "of": steps, "first_step": None, "first_epoch": None})
+    assert acted["graders"]["steps"] == acted["contrastive"]["steps"] == steps
+    headline = json.loads((tmp_path / "m" / "interpret.json").read_text())
+    assert headline["relation_steps_to_selection"] == acted["relation"]["steps"]

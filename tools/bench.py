@@ -503,7 +503,7 @@ def bench_model(name: str, data_dir: Path, cfg, arch: dict, device, epochs: int)
     from pipeline.dataset import AssembledData
     from pipeline.models import build_model, modalities_read
     from pipeline.models.blocks import task_loss
-    from pipeline.train import _lr_lambda, _to, predict_rows
+    from pipeline.train import _clip_groups, _lr_lambda, _to, clip_gradients, predict_rows
 
     torch.manual_seed(cfg.seed)
     data = AssembledData(data_dir, modalities=modalities_read(name, cfg.modalities))
@@ -539,7 +539,7 @@ def bench_model(name: str, data_dir: Path, cfg, arch: dict, device, epochs: int)
             loss = task_loss(out["pred"], batch["label"], data.task) + sum(out.get("aux", {}).values())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            clip_gradients(_clip_groups(model, "branches"), cfg.grad_clip)
             optimizer.step()
             scheduler.step()
         loss.item()  # waits for the last step

@@ -2,9 +2,13 @@
 
     python -m tools.variants relation --seeds 0 1 2 3 4   # the filter on the demo and on a complementarity corpus
     python -m tools.variants compare --seeds 0 1 2 3 4    # GCE and GEXSent, reference vs improved, on the demo
+    python -m tools.variants compare --variants reference # the reference rows only: published size and recipe
 
 Both train in-process with `train_model` and the params' defaults (model.threads 1), the demo from
 `features/dataset` (run `dvc repro assemble` first), and print Markdown tables of mean ± std over seeds.
+`compare` trains the reference variant with the published recipe (`<model>.recipe: published`;
+`--reference-recipe ours` for ours) and the improved one with ours, and reports each run's parameter
+count and wall seconds per epoch too.
 --out writes every run as JSON; --md writes the tables between `<!-- table: NAME -->` markers, which
 `python -m tools.readme_tables variants-relation relation.md` (or variants-compare) copies into the README;
 --runs re-renders the tables from a saved --out file without training.
@@ -31,6 +35,7 @@ import io
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -85,12 +90,14 @@ def filter_vs_truth(model_dir: Path, data, components: np.ndarray) -> dict:
 
 
 def train(name: str, data_dir: Path, out: Path, seed: int, arch: dict) -> dict:
-    """One quiet training run -> its test metrics."""
+    """One quiet training run -> its test metrics, size and wall seconds per epoch."""
     from pipeline.train import train_model
 
+    started = time.time()
     with contextlib.redirect_stdout(io.StringIO()):
         result = train_model(name, data_dir, out, {"seed": seed}, arch, progress=False)
-    return {"mae": result["test"]["mae"], "corr": result["test"]["corr"], "best_epoch": result["best_epoch"]}
+    return {"mae": result["test"]["mae"], "corr": result["test"]["corr"], "best_epoch": result["best_epoch"],
+            "params": result["params"], "s_per_epoch": (time.time() - started) / result["epochs_run"]}
 
 
 def relation(args, work: Path) -> list[dict]:
@@ -119,13 +126,22 @@ def relation(args, work: Path) -> list[dict]:
 def compare(args, work: Path) -> list[dict]:
     runs = []
     for name in args.models:
-        for variant in ("reference", "improved"):
+        for variant in args.variants:
+            recipe = args.reference_recipe if variant == "reference" else "ours"
             for seed in args.seeds:
-                run = {"model": name, "variant": variant, "seed": seed,
-                       **train(name, Path("features/dataset"), work / f"{name}-{variant}-{seed}", seed, {"variant": variant})}
+                arch = {"variant": variant, "recipe": recipe}
+                run = {"model": name, "variant": variant, "recipe": recipe, "seed": seed,
+                       **train(name, Path("features/dataset"), work / f"{name}-{variant}-{seed}", seed, arch)}
                 print(json.dumps(run), file=sys.stderr, flush=True)
                 runs.append(run)
     return runs
+
+
+def _cell(metric: str, values: pd.Series) -> str:
+    if metric == "params":  # the same at every seed
+        return f"{int(values.iloc[0]):,}"
+    digits = 1 if metric == "s_per_epoch" else 3
+    return f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}"
 
 
 def table(runs: list[dict], keys: list[str], metrics: list[str]) -> str:
@@ -134,7 +150,7 @@ def table(runs: list[dict], keys: list[str], metrics: list[str]) -> str:
     lines = ["| " + " | ".join(keys + metrics + ["seeds"]) + " |", "|" + "---|" * (len(keys) + len(metrics) + 1)]
     for group, rows in frame.groupby(keys, sort=False):
         group = group if isinstance(group, tuple) else (group,)
-        cells = [f"{rows[m].mean():.3f} ± {rows[m].std(ddof=1):.3f}" if rows[m].notna().all() else "—" for m in metrics]
+        cells = [_cell(m, rows[m]) if rows[m].notna().all() else "—" for m in metrics]
         lines.append("| " + " | ".join([str(g) for g in group] + cells + [str(len(rows))]) + " |")
     return "\n".join(lines)
 
@@ -144,7 +160,11 @@ def main(argv=None) -> int:
     cli.add_argument("study", choices=("relation", "compare"))
     cli.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     cli.add_argument("--models", nargs="+", default=["gce", "gexsent"], choices=["gce", "gexsent"],
-                     help="compare only: GCE's demo runs are the same as relation's with the relation loss on")
+                     help="compare only")
+    cli.add_argument("--variants", nargs="+", default=["reference", "improved"], choices=["reference", "improved"],
+                     help="compare only")
+    cli.add_argument("--reference-recipe", default="published", choices=["published", "ours"],
+                     help="compare only: the recipe the reference variant trains with")
     cli.add_argument("--out", help="write every run as JSON here")
     cli.add_argument("--md", help="write the tables with README markers here (tools.readme_tables reads it)")
     cli.add_argument("--runs", help="a saved --out file: render its tables, train nothing")
@@ -167,7 +187,8 @@ def render(args, runs: list[dict]) -> int:
         tables = {"metrics": table(runs, ["corpus", "variant", "relation"], ["mae", "corr"]),
                   "filter": table([r for r in runs if r["relation"]], ["corpus", "variant"], ["w_mean", "w_std", "w_corr"])}
     else:
-        tables = {"metrics": table(runs, ["model", "variant"], ["mae", "corr", "best_epoch"])}
+        tables = {"metrics": table(runs, ["model", "variant", "recipe"], ["mae", "corr", "best_epoch", "params",
+                                                                         "s_per_epoch"])}
     print("\n\n".join(tables.values()))
     if args.md:
         seeds = sorted({r["seed"] for r in runs})

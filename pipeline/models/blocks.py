@@ -71,6 +71,49 @@ def task_loss(pred: torch.Tensor, label: torch.Tensor, task: str, reduction: str
 
 
 # ----------------------------------------------------------------------------
+# A 3-class sentiment model on a regression corpus (GEXSent's published recipe)
+# ----------------------------------------------------------------------------
+SENTIMENT_CLASSES = ("negative", "neutral", "positive")
+
+
+def sentiment_class(score: torch.Tensor) -> torch.Tensor:
+    """Scores -> 0 negative, 1 neutral (exactly 0), 2 positive: the sign, as the published polarity -1 / 0 / 1."""
+    return (torch.sign(score.float()) + 1).long()
+
+
+def class_centers(labels) -> list[float]:
+    """Each sentiment class's mean training label: negative, 0, positive. A class with no training label
+    gets the mean absolute nonzero label (1 without any) with its sign."""
+    labels = torch.as_tensor(labels, dtype=torch.float64).reshape(-1)
+    nonzero = labels[labels != 0]
+    spread = float(nonzero.abs().mean()) if len(nonzero) else 1.0
+    negative, positive = labels[labels < 0], labels[labels > 0]
+    return [float(negative.mean()) if len(negative) else -spread, 0.0,
+            float(positive.mean()) if len(positive) else spread]
+
+
+class ClassScore(nn.Module):
+    """A 3-class sentiment classifier scored on a regression corpus.
+
+    The wrapped model (built for classification, 3 classes) sees labels as classes (`sentiment_class`);
+    its logits stay in ``out["class_logits"]`` for the loss, and ``out["pred"]`` is the expected score
+    sum_c p_c * centers_c, centers = each class's mean training label (a buffer: checkpoints keep them).
+    """
+
+    def __init__(self, model: nn.Module, centers):
+        super().__init__()
+        self.fusion = model
+        self.register_buffer("centers", torch.tensor(centers, dtype=torch.float32))
+
+    def forward(self, batch: dict) -> dict:
+        if "label" in batch:
+            batch = {**batch, "label": sentiment_class(batch["label"])}
+        out = self.fusion(batch)
+        logits = out["pred"]
+        return {**out, "pred": logits.float().softmax(-1) @ self.centers, "class_logits": logits}
+
+
+# ----------------------------------------------------------------------------
 # The global batch under DDP
 # ----------------------------------------------------------------------------
 class _GatherRows(torch.autograd.Function):

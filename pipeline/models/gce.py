@@ -2,20 +2,29 @@
 
 Huang et al., "Grading-Inspired Complementary Enhancing for Multimodal Sentiment Analysis",
 Information Fusion 2026; reference code github.com/hka-7/GCEforMSA (``src/model.py``,
-``src/modules/encoders.py``; read, not copied; its training loop is not published).
-``gce.variant: reference`` builds the published architecture and losses, ``improved`` (the
-default) ours; every row below is one switch between the two.
+``src/modules/encoders.py``, ``src/config.py``; read, not copied; its training loop, ``solver.py``,
+is not published). ``gce.variant: reference`` builds the published architecture and losses at
+their published widths, ``improved`` (the default) ours; every row below is one switch between the
+two. ``gce.recipe: published`` trains either with config.py's optimizer, learning rates, batch,
+epochs, schedule and clipping (``PUBLISHED_RECIPE``: what the unpublished loop would decide is
+assumed as MMIM's solver, whose config GCE's follows, and marked so), ``ours`` (the default) with
+the ``model`` params. docs/models.md has the measurements.
 
 | component | reference code | improved (ours) | why |
 |---|---|---|---|
+| inputs | fine-tuned BERT-base (768-d [CLS]), FACET visual and COVAREP acoustic sequences (MOSI: 20-d and 5-d) | the pipeline's features: a frozen text encoder's states (fine-tuned only with ``model.text_finetune``), visual and acoustic sequences | frozen features make the DAG cheap; fine-tuning is one switch |
+| widths | visual encoder 24, acoustic 16, 3 layers, 4 heads, FF 2048; utterance 64, pairs 64, summaries 512, heads d_prjh 128, filter gd_size 64 | the same widths in both variants (``gce`` section), but FF (see below) | |
+| recipe | Adam 1e-4 (BERT 5e-5), weight decay 1e-4, batch 128, 40 epochs, ``--when 20``, clip 1.0, L1 on MOSI (config.py); the schedule behind ``when``, early stopping and what is clipped are in the unpublished loop | ``recipe: published`` takes config.py's values, the rest assumed: ReduceLROnPlateau(patience 20, factor 0.5) on the validation loss, no early stopping, one clipping norm over every parameter; ``ours``: AdamW 1e-3, batch 16, warmup + cosine, patience 8, clip 1.0 per branch | |
+| loss weights | config.py: alpha 0.35 ("weight for loss1"), beta 0.25 ("weight for loss2"); the graders' weight is in the unpublished loop | ``contrastive_weight`` 0.35 and ``relation_weight`` 0.25 (which loss each weighs is a guess), ``grader_weight`` 1.0 (a guess) | the loop that combines the losses is not public |
+| gradient clipping | (unpublished loop) | the prediction path and the detached branches (graders, improved filter) clipped apart (``recipe: ours``) | one norm over every parameter lets the graders' gradients shrink the predictor's step |
 | text vector | ``enc_word[:, 0]``, the [CLS] state of a fine-tuned BERT | masked mean of the token states (``text_pool: auto`` picks per variant) | frozen sentence encoders (MiniLM) are trained for mean pooling, not [CLS] |
 | visual / acoustic encoder | ``GlobalTokenTransformerEncoder``: 3 layers, 4 heads, FF 2048, global token ~ N(0, 1) | FF 4 x width, global token ~ N(0, 0.02^2) (``encoder_ff_dim: 0`` picks per variant) | FF 2048 on a 16-24 wide stream is ~5x the step time; a unit-variance token swamps a 16-wide stream at init |
 | heads and graders | ``SubNet``: Linear+tanh, Linear+tanh, then 5 linear maps with no activation (128-64-32-16-8-1) | ``MLPHead``: Linear-GELU-Linear | five stacked linear maps are one linear map, worse conditioned |
 | contrastive | ``Clip``: a projected then normalised, b normalised then projected, logits x log(1/0.07) = 2.66 | both projected and normalised, logits x 1/0.07 = 14.3 (CLIP) | the reference's b side is not unit length and its scale is the log of CLIP's |
 | grading | mean L1 error per pair grader on the batch; the best pair guides pair s if err_g < 0.7 err_s | same (``grading: batch``); ``sample`` gives each sample its own guide | |
-| relation filter | one w = sigmoid(W_e[W z_g; W z_s] / 8) shared by all pairs, trained only by the relation loss it multiplies | one per (guide, student), with a hidden layer, trained to predict where the guide is clearly better (``RelationFilter``) | the reference's w can only shrink: a fading global scale, not a filter |
+| relation filter | one w = sigmoid(W_e[W z_g; W z_s] / 8) shared by all pairs, trained only by the relation loss it multiplies | one per (guide, student), with a hidden layer, trained to predict where the guide is clearly better (``RelationFilter``) | the reference's w can only shrink: a global scale, not a filter |
 | missing modality | not handled | learned stand-in vector; pairs, grading and losses masked per sample | real corpora have clips without audio or video |
-| several GPUs | one GPU | InfoNCE, Gram matrices, grading and graders over the global batch (``global_batch``) | N ranks x B/N = one process x B |
+| several GPUs | one GPU | InfoNCE, Gram matrices, grading and the graders' losses over the global batch (``global_batch``); the graders run on each rank's rows (their dropout is per rank) and their predictions are gathered | N ranks x B/N = one process x B |
 
 Both variants keep padding masks everywhere (the reference pads with zeros and masks its encoders too).
 
@@ -32,7 +41,9 @@ The forward pass:
 Auxiliary losses (already weighted; the trainer adds them to the task loss), over the global batch:
 
 * ``graders``: prediction heads on *detached* unimodal and pair vectors, trained with the task
-  loss; they measure each branch without steering the encoders. Training only (they need labels).
+  loss; they measure each branch without steering the encoders (``detached_branches``: the trainer
+  clips their gradients apart, else one clipping norm would let them shrink the predictor's step).
+  Training only (they need labels).
 * ``relation``: task-aware grading + relation filtering, training only, three modalities or more.
   The graders' errors pick, per batch (or per sample), a guide pair for each student pair; the
   student's cosine-similarity (Gram) matrix over the batch is pulled towards the detached guide's,
@@ -97,12 +108,34 @@ ABLATIONS = ("grading", "relation", "contrastive", "graders")
 VARIANT_ONLY = {"text_dim": ("improved", 0), "learnable_temperature": ("improved", False),
                 "relation_alpha": ("reference", 0.125)}
 
+# How the published code trains (src/config.py; its solver, the training loop, is not published): what
+# `gce.recipe: published` runs. Each entry names its source; "assumed" where the code gives no value.
+# config.py's defaults follow MMIM's (Han et al. 2021), whose solver is public: the assumptions take its choices.
+PUBLISHED_RECIPE = {
+    "optimizer": ("adam", "config.py: --optim Adam (weight decay as Adam's L2 penalty)"),
+    "lr": (1e-4, "config.py: --lr_main 1e-4"),
+    "lr_text": (5e-5, "config.py: --lr_bert 5e-5 (BERT is fine-tuned there; here with model.text_finetune)"),
+    "weight_decay": (1e-4, "config.py: --weight_decay_main 1e-4 (--weight_decay_bert 1e-4 too)"),
+    "batch_size": (128, "config.py: --batch_size 128"),
+    "epochs": (40, "config.py: --num_epochs 40"),
+    "patience": (0, "assumed: config.py has no early-stopping patience: all 40 epochs run"),
+    "schedule": ("plateau", "assumed: config.py's --when 20 'when to decay learning rate'; MMIM's solver reads it "
+                            "as ReduceLROnPlateau(patience=when) on the validation loss"),
+    "plateau_patience": (20, "config.py: --when 20"),
+    "plateau_factor": (0.5, "assumed: MMIM's solver (factor=0.5)"),
+    "grad_clip": (1.0, "config.py: --clip 1.0"),
+    "clip_groups": ("all", "assumed: MMIM's solver clips model.parameters() in one norm"),
+    "loss": ("task", "config.py: L1Loss for mosi (its mosei path falls back to MSELoss); L1 on every corpus here"),
+}
+
 
 @section("gce")
 @dataclass
 class GCEConfig:
     variant: str = param("improved", one_of(*VARIANTS),
                          "reference (the published model) | improved (ours); the table atop pipeline/models/gce.py")
+    recipe: str = param("ours", one_of("ours", "published"),
+                        "ours: model.* (AdamW, warmup + cosine) | published: config.py's (PUBLISHED_RECIPE; partly assumed)")
     ablate: list[str] = param([], one_of(*ABLATIONS), "components switched off: grading | relation | contrastive | graders")
     text_pool: str = param("auto", one_of("auto", "first", "mean"), "auto: first ([CLS]) for reference, mean for improved")
     text_dim: int = param(0, ge(0), "0: text vector used as is (reference); > 0: Linear + tanh projection to this size")
@@ -123,9 +156,12 @@ class GCEConfig:
     contrastive_dim: int = param(128, ge(1), "InfoNCE projection size (reference: 128)")
     contrastive_temperature: float = param(0.07, gt(0), "InfoNCE temperature; reference logits x log(1/T), improved x 1/T")
     learnable_temperature: bool = param(False, doc="improved only: learn the InfoNCE scale (CLIP-style, capped at 100)")
-    grader_weight: float = param(1.0, ge(0), "weight of the graders' task losses (and of the improved filter's loss)")
-    contrastive_weight: float = param(0.35, ge(0), "alpha in the reference config")
-    relation_weight: float = param(0.25, ge(0), "beta in the reference config")
+    grader_weight: float = param(1.0, ge(0), "weight of the graders' task losses (and of the improved filter's loss); "
+                                             "a guess: the published training loop is not public")
+    contrastive_weight: float = param(0.35, ge(0), "alpha 0.35 in the published config ('weight for loss1'); that it "
+                                                   "weighs the contrastive loss is a guess")
+    relation_weight: float = param(0.25, ge(0), "beta 0.25 in the published config ('weight for loss2'); that it "
+                                                "weighs the relation loss is a guess")
 
     def __post_init__(self):
         for m in ("visual", "acoustic"):
@@ -192,8 +228,9 @@ class RelationFilter(nn.Module):
     Diagnosis of the reference filter. Its w multiplies a non-negative loss, sum_i w_i d_i with d_i the
     Gram-row discrepancy, and nothing else trains it: dL/dw_i = d_i >= 0, so gradient descent lowers
     every w_i, fastest where the student is farthest from the guide -- the opposite of "enhance
-    complementary relations". With alpha = 1/8 compressing the score, the result is a global scale that
-    fades over training (measured on the demo: mean w 0.48 -> 0.30, std across samples 0.001-0.006).
+    complementary relations". With alpha = 1/8 compressing the score, the result is a global scale,
+    not a per-sample filter: on the demo it stays near its initial 0.5 and hardly varies across clips
+    (``python -m tools.variants relation``: w_mean, w_std).
 
     Design (improved). A filter needs a signal about *which samples* the guide knows better than the
     student, and the graders already measure it: their per-sample errors. The filter is trained, by
@@ -203,8 +240,7 @@ class RelationFilter(nn.Module):
     good: target 0) are suppressed, complementary ones (the guide clearly better: target 1) are kept.
     Its inputs are detached and the relation loss uses w detached: like the graders it never steers the
     encoders, and the relation loss can no longer shrink it. Three changes of form make the target
-    learnable (measured offline on fixed representations of the complementarity corpus: correlation of
-    w with its target on held-out clips 0.17 with one shared filter, 0.37 with one per pair): one filter
+    learnable: one filter
     per (guide, student) pair, because the six pairs' representations live in different spaces; a hidden
     GELU layer, because complementarity depends on how strongly a modality speaks, not in which direction
     (an even function, which a linear score cannot express); raw rather than L2-normalised inputs, which
@@ -270,6 +306,7 @@ class GCE(nn.Module):
     """Graded pairwise fusion over any non-empty subset of the registered modalities."""
 
     config_class = GCEConfig
+    published_recipe = PUBLISHED_RECIPE
 
     def __init__(self, input_dims: dict[str, int], task: str = "regression", num_classes: int = 1,
                  config: GCEConfig | dict | None = None):
@@ -361,6 +398,9 @@ class GCE(nn.Module):
             pair_summary = self.pair_summary(torch.cat([pair_reprs[n] for n in self.pair_names], dim=-1))
             fused = self.summary_mix(torch.cat([fused, pair_summary], dim=-1))
         pred = to_prediction(self.head(fused), self.task)
+        # the graders on this rank's rows: their dropout draws this rank's masks, and what is gathered below is
+        # computed alike by every rank (a rank-dependent guide would give the ranks different graphs)
+        predictions = self.grader_predictions(utterances, pair_reprs)
 
         # batch-level terms over every rank's rows (identity in one process and in evaluation)
         def rows(t):
@@ -368,14 +408,23 @@ class GCE(nn.Module):
         utterances = {m: rows(u) for m, u in utterances.items()}
         pair_reprs = {n: rows(r) for n, r in pair_reprs.items()}
         present = {m: rows(p) for m, p in present.items()}
+        predictions = {k: rows(v) for k, v in predictions.items()}
         label = batch.get("label")
         label = rows(label) if label is not None else None
-        aux, extras = self.auxiliary_losses(utterances, pair_reprs, present, label)
+        aux, extras = self.auxiliary_losses(utterances, pair_reprs, present, label, predictions)
         return {"pred": pred, "aux": aux, "extras": extras}
 
+    def detached_branches(self) -> list[nn.Module]:
+        """The modules trained on detached inputs only, which never steer the encoders: the graders, and the
+        improved relation filter (the reference's takes the relation loss's gradient into the student).
+        The trainer clips their gradients apart from the prediction path's."""
+        detached_filter = self.relation_filters is not None and not self.config.reference
+        return [self.unimodal_graders, self.pair_graders] + ([self.relation_filters] if detached_filter else [])
+
     # ------------------------------------------------------------------ auxiliary losses
-    def auxiliary_losses(self, utterances, pair_reprs, present, label):
-        """The weighted auxiliary losses and what they saw (extras), from the (global) batch's vectors."""
+    def auxiliary_losses(self, utterances, pair_reprs, present, label, predictions):
+        """The weighted auxiliary losses and what they saw (extras), from the (global) batch's vectors and
+        grader predictions."""
         cfg = self.config
         aux, extras = {}, {}
         pair_valid = torch.stack([present[a] & present[b] for a, b in self.pairs]) if self.pairs else None  # (P, B)
@@ -385,8 +434,7 @@ class GCE(nn.Module):
                 for i, (name, (a, b)) in enumerate(zip(self.pair_names, self.pairs)))
 
         pair_errors = None
-        if self.pair_graders or self.unimodal_graders:
-            predictions = self.grader_predictions(utterances, pair_reprs)
+        if predictions:
             extras["grader_preds"] = {k: v.detach() for k, v in predictions.items()}
             if self.training and label is not None:
                 validity = {**present, **{n: pair_valid[i] for i, n in enumerate(self.pair_names)}}
@@ -403,10 +451,15 @@ class GCE(nn.Module):
             if self.training and label is not None:
                 aux["relation"], extras["stats"] = self.relation_transfer(pair_reprs, pair_valid, pair_errors, weights)
                 extras["guides"] = extras["stats"].pop("guides_per_sample")
+        if self.training and label is not None:  # which of the other components acted on this batch
+            acted = {"contrastive": aux.get("contrastive"), "graders": aux.get("graders"),
+                     "relation_filter": aux.get("relation_filter")}
+            extras.setdefault("stats", {}).update(
+                {f"step_{k}": (v.detach() > 0).float().reshape(1) for k, v in acted.items() if v is not None})
         return aux, extras
 
     def grader_predictions(self, utterances, pair_reprs) -> dict[str, torch.Tensor]:
-        """Each grader's prediction from its detached branch: {modality or pair name: (B,) or (B, C)}."""
+        """Each grader's prediction from its detached branch: {modality or pair name: (B,) or (B, C)}; {} without graders."""
         predictions = {m: to_prediction(g(utterances[m].detach()), self.task) for m, g in self.unimodal_graders.items()}
         predictions.update({n: to_prediction(g(pair_reprs[n].detach()), self.task) for n, g in self.pair_graders.items()})
         return predictions
@@ -439,7 +492,8 @@ class GCE(nn.Module):
         """The relation loss (unweighted) and per-batch statistics the trainer sums per epoch."""
         cfg = self.config
         n_pairs = len(self.pairs)
-        if pair_errors is not None and "grading" not in cfg.ablate:
+        graded = pair_errors is not None and "grading" not in cfg.ablate
+        if graded:
             guides, errors = grade_pairs(pair_errors, pair_valid, cfg.grading_ratio, per_sample=cfg.grading == "sample")
         else:  # ungraded: every pair teaches every other pair where both are present
             guides = pair_valid[:, None, :] & pair_valid[None, :, :] & ~torch.eye(n_pairs, dtype=torch.bool,
@@ -451,10 +505,14 @@ class GCE(nn.Module):
                                                     rows=guides[g, s].float(), cols=(pair_valid[g] & pair_valid[s]).float())
         both = torch.stack([(pair_valid[g] & pair_valid[s]).float() for g, s in self.ordered_pairs])  # (Q, B)
         w = torch.stack([w.detach().float() for w in weights])  # (Q, B)
+        fired = guides.any().float()
         stats = {
             "guides_per_sample": guides.detach(),
             "guided": guides.sum(-1).float(),  # (P, P) samples taught, guide x student
-            "relation_batches": guides.any().float(), "batches": torch.ones(()),
+            "relation_batches": fired, "batches": torch.ones(()),
+            # per step (the trainer keeps their order): the relation loss fired; grading chose a guide that teaches
+            "step_relation": fired.reshape(1),
+            **({"step_grading": fired.reshape(1)} if graded else {}),
             "weight_sum": (w * both).sum(-1), "weight_sq_sum": (w.square() * both).sum(-1), "weight_count": both.sum(-1),
         }
         if pair_errors is not None:
