@@ -44,6 +44,9 @@ from .models import build_model, modalities_read
 from .models.blocks import task_loss
 from .params import DEVICE, Check, as_dict, between, fail, ge, gt, param, parse, section
 
+# The split every selection reads (early stopping, the checkpoint); metrics.json records it as `selection`
+SELECT_SPLIT = "valid"
+
 # `python` or `torchrun` with plain flags: never a shell snippet (dvc.yaml runs this string; spaces
 # only between the words, since a newline would start a second command)
 _LAUNCH = re.compile(r"(python3?|torchrun( +--[a-z][a-z0-9_-]*(=[\w.:/-]+| +[\w.:/-]+)?)*)")
@@ -351,8 +354,8 @@ def fit(run: Run, out_dir: Path, progress: bool) -> tuple[list[dict], dict]:
         history.append(record)
         stop = False
         if run.main:
-            valid_pred = run.predict("valid")
-            valid_labels = run.data.labels[run.rows["valid"]]
+            valid_pred = run.predict(SELECT_SPLIT)
+            valid_labels = run.data.labels[run.rows[SELECT_SPLIT]]
             record["valid_loss"] = record["select"] = _select_score(run.data.task, valid_pred, valid_labels)
             if run.data.task == "regression":
                 record["valid_corr"] = regression_metrics(valid_pred, valid_labels)["corr"] or 0.0
@@ -456,6 +459,9 @@ def train_model(name: str, data_dir: str | Path, out_dir: str | Path, cfg: Train
             # metrics.json holds no wall time: same params and seed must give an identical file
             result.update(best_epoch=best["epoch"], epochs_run=len(history),
                           params=sum(p.numel() for p in run.model.parameters()))
+            read = {"split": SELECT_SPLIT, "criterion": "loss" if run.data.task == "classification" else "mae",
+                    "segments": len(run.rows[SELECT_SPLIT])}
+            result["selection"] = {"early_stopping": read, "checkpoint": read}
             run.log(f"{name}: trained {len(history)} epochs in {time.time() - started:.1f} s, best epoch {best['epoch']}")
             write_outputs(run, out_dir, history, result, preds["test"])
             write_interpretation(run, out_dir, history)
