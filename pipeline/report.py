@@ -147,7 +147,8 @@ def paired(a: Group, b: Group, labels: np.ndarray, metric_fn, cfg: ReportParams)
     """a - b on the seeds both ran and the segments both scored: {seeds, segments, n_a, n_b,
     values_a/values_b: per paired run, per metric, and per metric the `compare` result (raw p)}."""
     ra, rb, seeds = paired_rows(a, b)
-    out = {"seeds": seeds, "segments": 0, "n_a": len(ra), "n_b": len(rb), "values_a": {}, "values_b": {}, "metrics": {}}
+    out = {"seeds": seeds, "segments": 0, "of": len(labels), "n_a": len(ra), "n_b": len(rb), "values_a": {}, "values_b": {},
+           "metrics": {}}
     if not ra or not rb:
         return out
     pa, pb = a.preds[ra], b.preds[rb]
@@ -204,8 +205,8 @@ def few_seeds(c: dict, cfg: ReportParams) -> bool:
 def seeds_cell(c: dict, cfg: ReportParams) -> str:
     if not c["segments"]:
         return "none in common"
-    text = fmt_seeds(c["seeds"]) if c["seeds"] else "–"
-    return text + (" ⚠" if few_seeds(c, cfg) else "")
+    text = (fmt_seeds(c["seeds"]) if c["seeds"] else "–") + (" ⚠" if few_seeds(c, cfg) else "")
+    return text + (f"; {c['segments']} of {c['of']} segments" if c["segments"] < c["of"] else "")
 
 
 def _sign(c: dict, metric: str) -> dict | None:

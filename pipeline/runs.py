@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -104,7 +104,7 @@ class Run:
     path: Path
     metrics: dict        # metrics.json
     predictions: pd.DataFrame  # plots/test_predictions.csv, indexed by id
-    record: dict         # `recorded(path)`: data hashes and selection
+    record: dict = field(default_factory=dict)   # `recorded(path)`: data hashes and selection
 
 
 def recorded(path: str | Path) -> dict:

@@ -125,7 +125,7 @@ def test_an_ablation_at_one_seed_is_compared_with_that_seed_of_the_full_model():
     assert r["seeds"] == [0] and r["segments"] == N - 5
     assert r["vs_full"]["diff"] == pytest.approx(-0.1) and r["vs_full"]["ci"] == pytest.approx([-0.1, -0.1])
     assert r["vs_full"]["better"] == "a" and r["full"]["mean"] == pytest.approx(1.0)
-    assert "| gce-x | gce | `gce.ablate=[relation]` | 0 ⚠ | 0.900 | 1.000 | -0.100 |" in md
+    assert f"| gce-x | gce | `gce.ablate=[relation]` | 0 ⚠; {N - 5} of {N} segments | 0.900 | 1.000 | -0.100 |" in md
     assert "| better |" in md and "rests on fewer than 3 seeds" in md
 
 
