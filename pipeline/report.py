@@ -128,6 +128,9 @@ def groups_of(named_runs: dict[str, list]) -> tuple[dict[str, Group], np.ndarray
 
 # --------------------------------------------------------------------------- paired comparisons
 
+UNDEFINED = {"diff": None, "ci": None, "p": None, "significant": False, "better": None}
+
+
 def paired_rows(a: Group, b: Group) -> tuple[list[int], list[int], list]:
     """(runs of a, runs of b, the seeds they stand for): the seeds both ran, in a's order; a deterministic
     side pairs its one run with every run of the other."""
@@ -164,8 +167,7 @@ def paired(a: Group, b: Group, labels: np.ndarray, metric_fn, cfg: ReportParams)
         out["values_b"][m] = [None if np.isnan(v) else float(v) for v in vb[m]]
         mean_a, mean_b = summarize(out["values_a"][m])["mean"], summarize(out["values_b"][m])["mean"]
         out["metrics"][m] = (compare(mean_a, mean_b, boot["a"][m], boot["b"][m], m, cfg.alpha)
-                             if mean_a is not None and mean_b is not None else
-                             {"diff": None, "ci": None, "p": None, "significant": False, "better": None})
+                             if mean_a is not None and mean_b is not None else UNDEFINED)
     return out
 
 
@@ -189,6 +191,11 @@ class Comparisons:
         if key not in self.done:
             self.done[key] = paired(self.groups[key[0]], self.groups[key[1]], self.labels, self.metric_fn, self.cfg)
         return self.done[key] if key == (a, b) else _flipped(self.done[key])
+
+
+def result(c: dict, metric: str) -> dict:
+    """A comparison's `compare` result for one metric (undefined without a common seed or segment)."""
+    return c["metrics"].get(metric) or UNDEFINED
 
 
 def corrected(results: list[dict], metric: str, alpha: float) -> list[dict]:
@@ -247,7 +254,7 @@ def model_table(groups: dict[str, Group], compared: Comparisons, metrics: list[s
         best = (min if m in LOWER_IS_BETTER else max)(means, key=means.get) if means else None
         others = [g for g in means if g != best]
         pairs = {g: compared(g, best) for g in others}
-        family = corrected([pairs[g]["metrics"][m] for g in others], m, cfg.alpha)
+        family = corrected([result(pairs[g], m) for g in others], m, cfg.alpha)
         for g, c in zip(others, family):
             stats[g][m]["vs_best"] = {"best": best, "seeds": pairs[g]["seeds"], "segments": pairs[g]["segments"], **c}
         for row, g in zip(rows, groups):
@@ -264,7 +271,7 @@ def model_table(groups: dict[str, Group], compared: Comparisons, metrics: list[s
 def pairwise_table(groups: dict[str, Group], compared: Comparisons, metric: str, cfg: ReportParams) -> tuple[str, list]:
     names = list(itertools.combinations(groups, 2))
     pairs = [compared(a, b) for a, b in names]
-    family = corrected([c["metrics"].get(metric) or {"diff": None, "ci": None, "p": None} for c in pairs], metric, cfg.alpha)
+    family = corrected([result(c, metric) for c in pairs], metric, cfg.alpha)
     signs = [_sign(c, metric) for c in pairs]
     rows, records = [], []
     for (a, b), c, r, s in zip(names, pairs, family, signs):
@@ -288,7 +295,7 @@ def ablation_table(groups: dict[str, Group], ablations: dict, skipped: dict[str,
     """Each ablation against its full model on the seeds both ran (Holm over the table); skipped ones listed."""
     names = [n for n, spec in ablations.items() if n in groups and spec.model in groups]
     pairs = [compared(n, ablations[n].model) for n in names]
-    family = corrected([c["metrics"].get(metric) or {"diff": None, "ci": None, "p": None} for c in pairs], metric, cfg.alpha)
+    family = corrected([result(c, metric) for c in pairs], metric, cfg.alpha)
     rows, records = [], {}
     for name, c, r in zip(names, pairs, family):
         spec = ablations[name]

@@ -143,6 +143,9 @@ def test_models_pair_on_common_seeds_and_the_probe_on_every_seed():
     md, records = pairwise_table(groups, compared, "mae", cfg)
     assert "| a vs b | 0, 1 ⚠ |" in md and "| a vs probe | 0, 1, 3 |" in md
     assert records[0]["sign_test"] == {"wins": 1, "losses": 1, "ties": 0, "p": 1.0}    # seed 0 won, seed 1 lost
+    groups, compared, cfg = _compared({"a": a, "probe": [_run("probe", None, 0.45)], "c": [_run("c", 2, 0.1)]})
+    md, records = ablation_table(groups, {"c": runs.Ablation("a", [])}, {}, compared, "mae", cfg)
+    assert "| c | a | – | none in common |" in md and records["c"]["vs_full"]["p"] is None   # seed 2: a never ran it
 
 
 def test_a_single_seed_report_has_no_sign_test_and_no_spread_figure(tmp_path):
