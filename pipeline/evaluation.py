@@ -10,11 +10,16 @@ of models on the same test segments, and the area under a robustness curve.
   draws the test segments with replacement (the same draw for every model: the pairing) and, per
   model, its seeds with replacement; a model's replicate value is its metric averaged over the
   drawn seeds. The difference of two models' replicate values gives a percentile 95% interval and
-  a two-sided p-value `2 * min(P(d <= 0), P(d >= 0))`, so both test-set sampling and seed-to-seed
-  variance are in it. One seed (or a deterministic baseline) reduces it to the plain paired
-  bootstrap over segments.
-* `auc(levels, values)`: trapezoid area under a metric-vs-rate curve, OpenVNA's AIR (rates 0..1,
-  dx = 0.1), so a curve that stays at its clean value c for every rate scores c.
+  a two-sided p-value `2 * min(k(d <= 0) + 1, k(d >= 0) + 1) / (B + 1)` over B replicates (the
+  add-one estimate: never 0, so a correction can multiply it), so both test-set sampling and
+  seed-to-seed variance are in it. One seed (or a deterministic baseline) reduces it to the plain
+  paired bootstrap over segments. The caller passes only the seeds both models ran and the
+  segments both scored (pipeline/report.py pairs them).
+* `holm(p)`: Holm-Bonferroni adjusted p-values of one family of tests (a table): reject where the
+  adjusted p < alpha, and the chance of any false "better" in the family stays below alpha
+  whatever the dependence between the tests.
+* `auc(levels, values)`: trapezoid area under a metric-vs-rate curve divided by the span of the
+  rates, so a curve that stays at its clean value c scores c whatever the rates (0..0.9 by default).
 
 Bottom layer: numpy and the standard library only.
 """
@@ -153,17 +158,35 @@ def compare(observed_a: float, observed_b: float, boot_a: np.ndarray, boot_b: np
     diff = observed_a - observed_b
     if len(d) == 0:
         return {"diff": diff, "ci": None, "p": None, "significant": False, "better": None}
-    p = min(1.0, 2 * min(float(np.mean(d <= 0)), float(np.mean(d >= 0))))
+    tail = min(int(np.sum(d <= 0)), int(np.sum(d >= 0)))
+    p = min(1.0, 2 * (tail + 1) / (len(d) + 1))
     low, high = np.percentile(d, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return {"diff": diff, "ci": [float(low), float(high)], "p": p, **decide(diff, p, metric, alpha)}
+
+
+def decide(diff: float, p: float | None, metric: str, alpha: float) -> dict:
+    """{significant, better: 'a' | 'b' | None} for a difference a - b of `metric` tested at p."""
     winner = None
-    if p < alpha and diff != 0:
-        winner = "a" if better(metric, observed_a, observed_b) else "b"
-    return {"diff": diff, "ci": [float(low), float(high)], "p": p, "significant": winner is not None, "better": winner}
+    if p is not None and p < alpha and diff != 0:
+        winner = "a" if better(metric, diff, 0.0) else "b"
+    return {"significant": winner is not None, "better": winner}
+
+
+def holm(pvalues: list) -> list:
+    """Holm-Bonferroni adjusted p-values, in the given order; None (an undefined test) stays None and
+    is not counted in the family. Sorted ascending, the i-th of m gets max over j <= i of (m - j + 1) p_j."""
+    defined = sorted((p, i) for i, p in enumerate(pvalues) if p is not None)
+    out, running = list(pvalues), 0.0
+    for rank, (p, i) in enumerate(defined):
+        running = max(running, min(1.0, (len(defined) - rank) * p))
+        out[i] = running
+    return out
 
 
 def auc(levels, values) -> float | None:
-    """Trapezoid area under values(levels), levels in [0, 1] (OpenVNA's AIR); None if any value is undefined."""
+    """Trapezoid area under values(levels) divided by the span of the levels (a flat curve scores its value);
+    None if any value is undefined."""
     if any(v is None for v in values) or len(values) < 2:
         return None
     x, y = np.asarray(levels, np.float64), np.asarray(values, np.float64)
-    return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2))
+    return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2) / (x.max() - x.min()))

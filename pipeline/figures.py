@@ -1,5 +1,5 @@
 """PNG figures of the evaluation (the report and the robustness stage): per-seed spread of a metric per
-model, and metric-vs-level robustness curves, one line per model."""
+model, and metric-vs-level robustness curves (one line per model; points for categorical levels)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -32,15 +32,22 @@ def seed_spread(values: dict[str, list[float]], intervals: dict[str, list | None
 
 
 def robustness_curve(points: dict[str, list[dict]], metric: str, xlabel: str, path: Path, title: str) -> None:
-    """points[model] = [{level, <metric>: value}, ...] -> one line per model."""
+    """points[model] = [{level, <metric>: value}, ...] -> one line per model over numeric levels (rates, SNRs);
+    over categories (missing-modality subsets) one point per model and category, side by side, no lines."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, series in points.items():
+    categorical = any(isinstance(p["level"], str) for series in points.values() for p in series)
+    width = 0.8 / max(len(points), 1)
+    for k, (name, series) in enumerate(points.items()):
         levels = [p["level"] for p in series]
         values = [np.nan if p.get(metric) is None else p[metric] for p in series]
-        x = np.arange(len(levels)) if isinstance(levels[0], str) else levels
-        ax.plot(x, values, marker="o", ms=3, label=name)
-        if isinstance(levels[0], str):
-            ax.set_xticks(x, levels, rotation=30, ha="right", fontsize=8)
+        if categorical:
+            x = np.arange(len(levels)) - 0.4 + width * (k + 0.5)
+            ax.plot(x, values, marker="o", ms=5, ls="none", label=name)
+            ax.set_xticks(np.arange(len(levels)), levels, rotation=30, ha="right", fontsize=8)
+        else:
+            ax.plot(levels, values, marker="o", ms=3, label=name)
+    if categorical:
+        ax.grid(axis="y", alpha=0.3)
     ax.set(xlabel=xlabel, ylabel=metric, title=title)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -14,17 +14,23 @@ import numpy as np  # noqa: E402
 
 def loss_curves(history: list[dict], path: Path, title: str) -> None:
     """history: one dict per epoch with train_loss (task loss), train_total (task + auxiliary
-    losses) and valid_loss (task loss: MAE for regression)."""
+    losses) and valid_loss (task loss: MAE for regression). The task losses get their own panel; the
+    total, on its own scale (auxiliary terms can dwarf the task loss), a second panel when it differs."""
     epochs = [h["epoch"] for h in history]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(epochs, [h["train_loss"] for h in history], label="train task loss")
-    ax.plot(epochs, [h["valid_loss"] for h in history], label="valid task loss")
-    if any(abs(h["train_total"] - h["train_loss"]) > 1e-9 for h in history):
-        ax.plot(epochs, [h["train_total"] for h in history], "--", alpha=0.6, label="train total (with auxiliary)")
+    auxiliary = any(abs(h["train_total"] - h["train_loss"]) > 1e-9 for h in history)
+    fig, axes = plt.subplots(1, 2 if auxiliary else 1, figsize=(10 if auxiliary else 6, 4), squeeze=False)
+    task, total = axes[0][0], axes[0][-1]
+    task.plot(epochs, [h["train_loss"] for h in history], label="train task loss")
+    task.plot(epochs, [h["valid_loss"] for h in history], label="valid task loss")
+    if auxiliary:
+        total.plot(epochs, [h["train_total"] for h in history], color="tab:red", label="train total (task + auxiliary)")
+        total.plot(epochs, [h["train_loss"] for h in history], color="tab:blue", alpha=0.4, ls="--", label="train task loss")
+        total.set(xlabel="epoch", ylabel="loss", title="training objective")
     best = min(history, key=lambda h: h["select"])
-    ax.axvline(best["epoch"], color="grey", lw=0.8, ls=":", label=f"chosen epoch {best['epoch']}")
-    ax.set(xlabel="epoch", ylabel="loss", title=title)
-    ax.legend()
+    for ax in axes[0]:
+        ax.axvline(best["epoch"], color="grey", lw=0.8, ls=":", label=f"chosen epoch {best['epoch']}")
+        ax.legend(fontsize=8)
+    task.set(xlabel="epoch", ylabel="task loss", title=title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

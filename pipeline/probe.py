@@ -22,6 +22,8 @@ from .dataset import AssembledData
 from .metrics import classification_metrics, regression_metrics
 from .params import gt, param, section
 
+SELECT_SPLIT = "valid"  # the split the penalty is chosen on; metrics.json records it as `selection`
+
 
 @section("probe")
 @dataclass
@@ -82,7 +84,8 @@ def fit_probe(dataset_dir: str | Path, out_dir: str | Path, cfg: ProbeParams, mo
     y = {s: data.labels[r] for s, r in rows.items()}
     classes = data.meta.get("classes") or []
     fits = {a: _fit(data.task, a, x["train"], y["train"]) for a in cfg.alphas}
-    losses = {a: _select_loss(data.task, _predict(data.task, f, x["valid"], len(classes)), y["valid"]) for a, f in fits.items()}
+    losses = {a: _select_loss(data.task, _predict(data.task, f, x[SELECT_SPLIT], len(classes)), y[SELECT_SPLIT])
+              for a, f in fits.items()}
     alpha = min(losses, key=losses.get)
     preds = {s: _predict(data.task, fits[alpha], x[s], len(classes)) for s in ("valid", "test")}
     family = data.conventions["metrics"]  # the preset's regression metrics (MOSI's or CH-SIMS's)
@@ -90,7 +93,9 @@ def fit_probe(dataset_dir: str | Path, out_dir: str | Path, cfg: ProbeParams, mo
                                                                            family).items()}
               for s in ("test", "valid")}
     result.update(alpha=alpha, valid_loss={str(a): round(v, 6) for a, v in losses.items()},
-                  modalities=data.modalities, features=int(x["train"].shape[1]))
+                  modalities=data.modalities, features=int(x["train"].shape[1]),
+                  selection={"penalty": {"split": SELECT_SPLIT, "segments": len(rows[SELECT_SPLIT]),
+                                         "criterion": "log-loss" if data.task == "classification" else "mae"}})
     out = Path(out_dir)
     (out / "plots").mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -1,6 +1,8 @@
 """What every result records about where it came from: the content hashes of the manifest and of the
-split (computed by `assemble` into the dataset's meta.json) and the split its checkpoint was selected on.
-The report refuses to compare results whose hashes differ and flags any selection but validation."""
+split (computed by `assemble` into the dataset's meta.json). The run itself records what it selected on
+(`selection` in its metrics.json: for each choice — early stopping, the checkpoint, the probe's penalty —
+the split it read, written by the code that reads it). The report (through `runs.recorded`) refuses to
+compare results whose hashes differ and flags any selection but validation."""
 from __future__ import annotations
 
 import json
@@ -8,21 +10,19 @@ import os
 from pathlib import Path
 
 
-def selection(dataset_dir: str | Path) -> dict:
-    """{data: manifest and split hashes, selection: split, criterion, segments} for results made from this dataset."""
+def origin(dataset_dir: str | Path) -> dict:
+    """{data: manifest and split hashes} for results made from this dataset."""
     meta = json.loads((Path(dataset_dir) / "meta.json").read_text())
-    return {"data": meta.get("provenance"),
-            "selection": {"split": "valid", "criterion": "loss" if meta["task"] == "classification" else "mae",
-                          "segments": int(meta["splits"].get("valid", 0))}}
+    return {"data": meta.get("provenance")}
 
 
 def stamp(metrics_path: str | Path, dataset_dir: str | Path) -> dict:
-    """Add `data` and `selection` to a run's metrics.json; returns the result. Under torchrun only rank 0
-    wrote the file, and only rank 0 stamps it."""
+    """Add `data` to a run's metrics.json (beside the `selection` the run wrote); returns the result. Under
+    torchrun only rank 0 wrote the file, and only rank 0 stamps it."""
     if os.environ.get("RANK", "0") != "0":
         return {}
     path = Path(metrics_path)
     result = json.loads(path.read_text())
-    result.update(selection(dataset_dir))
+    result.update(origin(dataset_dir))
     path.write_text(json.dumps(result, indent=2) + "\n")
     return result

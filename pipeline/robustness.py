@@ -1,6 +1,7 @@
 """Robustness at test time, without retraining: trained models scored on corrupted test inputs.
 
-Protocols (the field's conventions, so the numbers compare with papers):
+Protocols (`random`, `block` and `subsets` follow the field's conventions, so those numbers compare with
+papers; `noise` is this project's own):
 
 * `random` — per-step random drop at rate r (LNLN, TFR-Net, OpenVNA `feat_random_drop`): each step
   of each targeted modality is dropped with probability r. A dropped text token becomes the
@@ -15,8 +16,9 @@ Protocols (the field's conventions, so the numbers compare with papers):
   round(r * n) steps at a uniformly drawn start, replaced as above.
 * `subsets` — whole modalities missing: every non-empty proper subset of the dataset's modalities
   (the six "each modality or pair missing" cases for three), exactly the training-time masking.
-* `noise` — additive Gaussian noise on the normalised model inputs at a signal-to-noise ratio in
-  dB, per segment and modality: sigma = rms(x) * 10^(-snr/20), then clipped as `to_model_input` clips.
+* `noise` — this project's own protocol, not a published one: additive Gaussian noise on the
+  normalised model inputs at a signal-to-noise ratio in dB, per segment and modality:
+  sigma = rms(x) * 10^(-snr/20), then clipped as `to_model_input` clips.
 
 A segment whose every droppable step of a modality is dropped has lost that modality: it becomes
 missing (no steps, mask all False, pooled vector zero), as `assemble` stores a failed extraction.
@@ -24,7 +26,9 @@ So r = 1 equals training-time masking of the targeted modalities, and r = 0 chan
 curve starts at the plain test metric (tests/test_evaluation.py checks both).
 
 Each rate is averaged over the mask seeds (>= 3); per curve the summary holds the mean over levels
-and the area under the metric-vs-rate curve (trapezoid, OpenVNA's AIR; rates 0..1 step 0.1).
+and the area under the metric-vs-rate curve divided by the rate span (trapezoid; `evaluation.auc`).
+The default rates are LNLN's, 0..0.9 step 0.1; adding 1.0 (`robustness.rates`) adds the point where
+the targeted modalities are gone, and the report labels the AUC with the range it covers.
 """
 from __future__ import annotations
 
@@ -42,14 +46,15 @@ from .evaluation import summarize as over_seeds
 from .metrics import classification_metrics, regression_metrics
 from .params import between, ge, param, section
 
-RATES = [round(0.1 * i, 1) for i in range(11)]
+RATES = [round(0.1 * i, 1) for i in range(10)]  # 0..0.9, as LNLN; 1.0 (modality gone) only when asked
 CACHE_ENTRIES = 20_000  # re-encoded transcripts kept (MOSI-sized: ~ 250 MB at most)
 
 
 @section("robustness")
 @dataclass
 class RobustnessParams:
-    rates: list[float] = param(RATES, between(0, 1), "drop rates of the random and block protocols")
+    rates: list[float] = param(RATES, between(0, 1), "drop rates of the random and block protocols (1.0: the "
+                                                      "targeted modalities gone; LNLN stops at 0.9)")
     seeds: list[int] = param([0, 1, 2], ge(0), "mask seeds: every random/block/noise level is averaged over them")
     snr_db: list[float] = param([20.0, 10.0, 5.0, 0.0], doc="Gaussian noise levels, dB of signal over noise")
     targets: list[str] = param(["all"], doc="modalities dropped together per curve: 'all', or one modality name each")
@@ -353,7 +358,7 @@ def summarize(measured: dict, cfg: RobustnessParams, modalities: list[str], prim
 
 
 def write_outputs(out_dir: str | Path, summary: dict, points: dict, task: str, data_meta: dict,
-                  train_seeds: dict[str, list[int]]) -> None:
+                  train_seeds: dict[str, list[int]], rates: list[float] | None = None) -> None:
     """details.json (every metric: mean over levels and AUC, mean ± std over seeds), robustness.json (for
     `dvc metrics`: the primary metric only), curves/<curve>/<model>.json (for `dvc plots`), plots/<curve>.png."""
     import json
@@ -371,7 +376,8 @@ def write_outputs(out_dir: str | Path, summary: dict, points: dict, task: str, d
             (out / "curves" / curve / f"{name}.json").write_text(json.dumps(series, indent=1) + "\n")
         xlabel = {"noise": "SNR (dB)", "subsets": "modalities missing"}.get(curve.split("-")[0], "drop rate")
         robustness_curve(by_model, metric, xlabel, out / "plots" / f"{curve}.png", f"test {metric}: {curve}")
-    details = {"data": data_meta.get("provenance"), "task": task, "train_seeds": train_seeds, "models": summary}
+    details = {"data": data_meta.get("provenance"), "task": task, "train_seeds": train_seeds, "rates": rates,
+               "models": summary}
     (out / "details.json").write_text(json.dumps(details, indent=1) + "\n")
     lean = {name: {curve: {f"{kind}_{metric}{suffix}": entry[f"{kind}_{metric}"][stat]
                            for kind in ("auc", "mean") if f"{kind}_{metric}" in entry

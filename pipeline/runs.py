@@ -8,8 +8,11 @@ Layout (all written by DVC stages, read by `report`):
                                      (or at its own `seeds`)
     models/linear_probe/             probe: ridge / logistic regression on pooled features
 
-Each run folder holds metrics.json (stamped by `provenance.stamp` with `data`: the manifest and split
-hashes, and `selection`: the split the checkpoint was chosen on) and plots/test_predictions.csv.
+Each run folder holds metrics.json and plots/test_predictions.csv, and records where it came from:
+`data` (the manifest and split hashes, stamped by `provenance.stamp`) and `selection` (for each choice
+the run made on held-out data — early stopping, the checkpoint, the probe's penalty — the split it
+read), which `recorded` alone reads. An ablation that cannot change its model on the dataset
+(`variants.vacuous`) leaves `skipped.json` (its reason) instead of seed folders.
 
 An ablation is data: a model and `dvc exp run -S`-style overrides of `model.*` or that model's
 own section, e.g. {model: gce, set: ["gce.contrastive_weight=0"]} or {model: gexsent, set:
@@ -23,7 +26,7 @@ from __future__ import annotations
 import copy
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -33,6 +36,7 @@ from .errors import UserError
 from .params import ge, param, section
 
 PROBE = "linear_probe"
+SKIPPED = "skipped.json"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 
 
@@ -54,7 +58,8 @@ class Ablation:
 @dataclass
 class EvaluateParams:
     seeds: list[int] = param([], ge(0), "seeds trained per model besides model.seed (train@<model> is that one); "
-                                        "the demo runs none, full size [1, 2, 3, 4]")
+                                        "the demo runs none, full-size corpora at least [1, 2] (3 seeds: "
+                                        "docs/evaluation.md), the README's results [1, 2, 3, 4]")
     models: list[str] = param(["gexsent", "gce", "text_only", "late_fusion"],
                               doc="models trained at every seed (any other model train@ trained is reported at model.seed)")
     ablations: dict[str, Ablation] = param(
@@ -99,6 +104,17 @@ class Run:
     path: Path
     metrics: dict        # metrics.json
     predictions: pd.DataFrame  # plots/test_predictions.csv, indexed by id
+    record: dict = field(default_factory=dict)   # `recorded(path)`: data hashes and selection
+
+
+def recorded(path: str | Path) -> dict:
+    """What a run recorded about its origin: {data: manifest and split hashes | None, selection: {choice:
+    {split, criterion, segments}} | None}. The one reader of these records (they live in metrics.json)."""
+    metrics = json.loads((Path(path) / "metrics.json").read_text())
+    selection = metrics.get("selection")
+    if selection and "split" in selection:  # the older single record: the checkpoint's split
+        selection = {"checkpoint": selection}
+    return {"data": metrics.get("data"), "selection": selection}
 
 
 def read_run(path: str | Path, name: str, seed: int | None) -> Run:
@@ -107,7 +123,7 @@ def read_run(path: str | Path, name: str, seed: int | None) -> Run:
         if not needed.is_file():
             raise UserError(f"{needed} does not exist: run `dvc repro` (the stage writing {path})")
     return Run(name, seed, path, json.loads((path / "metrics.json").read_text()),
-               pd.read_csv(path / "plots" / "test_predictions.csv").set_index("id"))
+               pd.read_csv(path / "plots" / "test_predictions.csv").set_index("id"), recorded(path))
 
 
 def base_run_dirs(raw: dict, models_dir: str | Path) -> dict[str, list[tuple[int, Path]]]:
@@ -134,7 +150,14 @@ def ablation_seeds(raw: dict, ablation: Ablation) -> list[int]:
     return ablation.seeds or seeds(raw)
 
 
-def ablation_runs(raw: dict, models_dir: str | Path) -> dict[str, list[Run]]:
+def ablation_runs(raw: dict, models_dir: str | Path) -> tuple[dict[str, list[Run]], dict[str, str]]:
+    """({ablation: its runs}, {ablation skipped as vacuous on this data: the reason its stage gave})."""
     cfg = params.read(raw, EvaluateParams)
-    return {name: [read_run(Path(models_dir) / "ablations" / name / f"seed{s}", name, s) for s in ablation_seeds(raw, spec)]
-            for name, spec in cfg.ablations.items()}
+    trained, skipped = {}, {}
+    for name, spec in cfg.ablations.items():
+        folder = Path(models_dir) / "ablations" / name
+        if (folder / SKIPPED).is_file():
+            skipped[name] = json.loads((folder / SKIPPED).read_text())["reason"]
+        else:
+            trained[name] = [read_run(folder / f"seed{s}", name, s) for s in ablation_seeds(raw, spec)]
+    return trained, skipped

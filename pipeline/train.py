@@ -52,6 +52,9 @@ from .models import MODELS, build_model, modalities_read
 from .models.blocks import ClassScore, class_centers, sentiment_class, task_loss
 from .params import DEVICE, Check, as_dict, between, fail, ge, gt, param, parse, section
 
+# The split every selection reads (early stopping, the checkpoint); metrics.json records it as `selection`
+SELECT_SPLIT = "valid"
+
 # `python` or `torchrun` with plain flags: never a shell snippet (dvc.yaml runs this string; spaces
 # only between the words, since a newline would start a second command)
 _LAUNCH = re.compile(r"(python3?|torchrun( +--[a-z][a-z0-9_-]*(=[\w.:/-]+| +[\w.:/-]+)?)*)")
@@ -255,16 +258,16 @@ def _three_class_loss(out: dict, label: torch.Tensor, task: str) -> torch.Tensor
 
 def _valid_three_class_loss(run: "Run", valid_pred: np.ndarray) -> float:
     """The same on the validation split: what the published recipe selects on and steps its plateau with."""
-    logits = predict_rows(run.model, run.data, run.rows["valid"], run.device, run.cfg.eval_batch_size,
+    logits = predict_rows(run.model, run.data, run.rows[SELECT_SPLIT], run.device, run.cfg.eval_batch_size,
                           run.cfg.text_finetune, output="class_logits")
-    classes = sentiment_class(torch.from_numpy(run.data.labels[run.rows["valid"]]))
+    classes = sentiment_class(torch.from_numpy(run.data.labels[run.rows[SELECT_SPLIT]]))
     return float(F.cross_entropy(torch.from_numpy(logits), classes))
 
 
 LOSSES = {
     # the task's own loss: L1 on scores, cross-entropy on classes; selection on validation MAE or cross-entropy
     "task": Loss(lambda out, label, task: task_loss(out["pred"], label, task),
-                 lambda run, pred: _select_score(run.data.task, pred, run.data.labels[run.rows["valid"]])),
+                 lambda run, pred: _select_score(run.data.task, pred, run.data.labels[run.rows[SELECT_SPLIT]])),
     # a regression corpus as 3 sentiment classes (sign of the score); the score is the expected value (ClassScore)
     "sentiment3": Loss(_three_class_loss, _valid_three_class_loss),
 }
@@ -508,8 +511,8 @@ def fit(run: Run, out_dir: Path, progress: bool) -> tuple[list[dict], dict]:
         history.append(record)
         stop = False
         if run.main:
-            valid_pred = run.predict("valid")
-            valid_labels = run.data.labels[run.rows["valid"]]
+            valid_pred = run.predict(SELECT_SPLIT)
+            valid_labels = run.data.labels[run.rows[SELECT_SPLIT]]
             record["valid_loss"] = record["select"] = LOSSES[run.recipe.loss].select(run, valid_pred)
             if run.data.task == "regression":
                 record["valid_corr"] = regression_metrics(valid_pred, valid_labels)["corr"] or 0.0
@@ -615,6 +618,13 @@ def train_model(name: str, data_dir: str | Path, out_dir: str | Path, cfg: Train
             # metrics.json holds no wall time: same params and seed must give an identical file
             result.update(best_epoch=best["epoch"], epochs_run=len(history),
                           params=sum(p.numel() for p in run.model.parameters()))
+            criterion = ("3-class cross-entropy" if run.recipe.loss == "sentiment3"
+                         else "loss" if run.data.task == "classification" else "mae")
+            read = {"split": SELECT_SPLIT, "criterion": criterion,
+                    "segments": len(run.rows[SELECT_SPLIT])}
+            result["selection"] = {"early_stopping": read, "checkpoint": read}
+            if run.recipe.schedule == "plateau":  # the learning rate also followed the selection score
+                result["selection"]["lr_schedule"] = read
             run.log(f"{name}: trained {len(history)} epochs in {time.time() - started:.1f} s, best epoch {best['epoch']}")
             write_outputs(run, out_dir, history, result, preds["test"])
             write_interpretation(run, out_dir, history, best["epoch"])

@@ -3,16 +3,21 @@ at model.seed and every evaluate.seeds, so the report can pair it with the full 
 
     python -m stages.ablation gce-no-contrastive features/dataset models/ablations/gce-no-contrastive
 
-Writes <out>/seed<k>/ (model.pt, metrics.json with the data hashes, plots/) per seed.
+Writes <out>/seed<k>/ (model.pt, metrics.json with the data hashes, plots/) per seed. An ablation that
+cannot change its model on this dataset (`pipeline.variants.vacuous`: GCE's pair components on a
+text-only corpus, removing a modality the corpus lacks) is not trained: <out>/skipped.json holds the
+reason, which the stage prints and the report lists.
 """
 import argparse
+import json
+import os
 import sys
 from pathlib import Path
 
 from pipeline import params, runs
 from pipeline.errors import ParamError, guarded, require
 from pipeline.train import TrainingFailed
-from pipeline.variants import train_variant
+from pipeline.variants import summary_line, train_variant, vacuous
 
 
 def main(name: str, dataset: str, out: str) -> int:
@@ -22,6 +27,13 @@ def main(name: str, dataset: str, out: str) -> int:
         raise ParamError(f"evaluate.ablations.{name}: no such ablation (known: {', '.join(ablations) or 'none'})")
     require(dataset, "assemble")
     spec = ablations[name]
+    reason = vacuous(raw, spec.model, spec.set, dataset)
+    if reason:
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank decides the same; rank 0 writes
+            Path(out).mkdir(parents=True, exist_ok=True)
+            (Path(out) / runs.SKIPPED).write_text(json.dumps({"ablation": name, "reason": reason}, indent=1) + "\n")
+            print(f"ablation {name}: skipped, not trained: {reason}")
+        return 0
     for seed in runs.ablation_seeds(raw, spec):
         try:
             result = train_variant(raw, spec.model, dataset, Path(out) / f"seed{seed}", spec.set, seed,
@@ -31,7 +43,7 @@ def main(name: str, dataset: str, out: str) -> int:
             return 1
         if result:  # rank 0 prints
             print(f"ablation {name} ({spec.model} with {', '.join(spec.set) or 'no change'}) seed {seed}: "
-                  f"test mae {result['test'].get('mae')}")
+                  f"{summary_line(result)}")
     return 0
 
 

@@ -24,7 +24,9 @@ def main(models: str, robustness: str, out: str) -> int:
     write(out, markdown, record, groups, PRIMARY[record["task"]])
     for line in record["flags"]:
         print(f"report: flag: {line}")
-    print(f"report: {len(groups)} models, {len(record['ablations'])} ablations -> {Path(out) / 'summary.md'}")
+    skipped = record["skipped_ablations"]
+    print(f"report: {len(groups)} models, {len(record['ablations'])} ablations"
+          + (f" ({len(skipped)} skipped: {', '.join(skipped)})" if skipped else "") + f" -> {Path(out) / 'summary.md'}")
     return 0
 
 

@@ -33,7 +33,7 @@ def main(dataset: str, models: str, out: str) -> int:
     data = AssembledData(dataset)
     summary, points = summarize(measure(data, scored, cfg), cfg, data.modalities, PRIMARY[data.task])
     train_seeds = {name: [s.seed for s in scored if s.name == name] for name in dict.fromkeys(s.name for s in scored)}
-    write_outputs(out, summary, points, data.task, data.meta, train_seeds)
+    write_outputs(out, summary, points, data.task, data.meta, train_seeds, cfg.rates)
     print(f"robustness: {len(scored)} runs, {len(points)} curves in {time.time() - started:.0f} s -> {out}")
     return 0
 

@@ -12,7 +12,7 @@ import sys
 from pipeline import params
 from pipeline.errors import guarded, require
 from pipeline.train import TrainingFailed
-from pipeline.variants import train_variant
+from pipeline.variants import summary_line, train_variant
 
 
 def main(model: str, seed: int, dataset: str, out: str) -> int:
@@ -24,7 +24,7 @@ def main(model: str, seed: int, dataset: str, out: str) -> int:
         print(f"seeds: {err}", file=sys.stderr)
         return 1
     if result:  # rank 0 (under torchrun the others return {})
-        print(f"{model} seed {seed}: test mae {result['test'].get('mae')}")
+        print(f"{model} seed {seed}: {summary_line(result)}")
     return 0
 
 

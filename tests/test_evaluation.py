@@ -1,4 +1,4 @@
-"""Evaluation (issue 12): the statistics on hand-made inputs, the robustness protocols against training-time
+"""Evaluation: the statistics on hand-made inputs, the robustness protocols against training-time
 masking and the plain test metric, the leakage guards, and the seeds -> probe -> ablation -> robustness ->
 report stages on a small fake project."""
 from __future__ import annotations
@@ -54,7 +54,8 @@ def test_paired_bootstrap_by_hand():
     better = labels + np.where(np.arange(40) % 2, 0.5, -0.5)           # |error| 0.5 everywhere
     boot = bootstrap_replicates({"a": better[None], "b": worse[None], "c": worse[None]}, labels, _mae, 500, seed=1)
     c = compare(0.5, 1.0, boot["a"]["mae"], boot["b"]["mae"], "mae")
-    assert c["diff"] == -0.5 and c["ci"] == pytest.approx([-0.5, -0.5]) and c["p"] == 0.0
+    # no replicate on the other side of 0: the add-one p, 2 * (0 + 1) / (500 + 1), never 0
+    assert c["diff"] == -0.5 and c["ci"] == pytest.approx([-0.5, -0.5]) and c["p"] == pytest.approx(2 / 501)
     assert c["significant"] and c["better"] == "a"
     same = compare(1.0, 1.0, boot["b"]["mae"], boot["c"]["mae"], "mae")
     assert same["p"] == 1.0 and not same["significant"] and same["better"] is None
@@ -101,12 +102,18 @@ def test_batched_metrics_equal_the_metrics_module():
             assert fast[key][b] == pytest.approx(value, abs=1e-12), key
 
 
-def test_auc_is_the_trapezoid_over_rates():
+def test_auc_is_the_trapezoid_over_rates_per_unit_of_rate():
+    from pipeline.robustness import RobustnessParams
+
     rates = [round(0.1 * i, 1) for i in range(11)]
     assert auc(rates, [0.7] * 11) == pytest.approx(0.7)                # a flat curve scores its value
     assert auc(rates, [1 - r for r in rates]) == pytest.approx(0.5)
     assert auc([0, 0.5, 1], [1.0, 0.5, 0.5]) == pytest.approx(0.625)
     assert auc(rates, [0.7] * 10 + [None]) is None
+    lnln = RobustnessParams().rates                                    # the default: LNLN's 0..0.9, no r = 1
+    assert lnln == pytest.approx([0.1 * i for i in range(10)])
+    assert auc(lnln, [0.7] * 10) == pytest.approx(0.7)                 # flat, whatever the span
+    assert auc(lnln, [1 - r for r in lnln]) == pytest.approx(1 - 0.45)  # area 0.9 - 0.405 over span 0.9
 
 
 # --------------------------------------------------------------------------- a small project, through the stages
@@ -221,6 +228,7 @@ def test_report_tables_flags_and_records(project):
     for name in ("models", "pairwise", "ablations", "robustness", "subsets"):
         assert f"<!-- table: {name} -->" in md, name
     assert "## Flags" in md and "None: every result" in md
+    assert "AUC over drop rates 0–1, r = 1 included" in md and "| noise-visual mean (own protocol) |" in md
     for row in ("| gexsent | 2 |", "| late_fusion | 2 |", "| linear_probe | 1 |", "| late-no-acoustic | late_fusion |"):
         assert row in md, row
     record = json.loads((project / "reports" / "details.json").read_text())
@@ -237,11 +245,16 @@ def test_report_tables_flags_and_records(project):
     rob = json.loads((project / "reports/robustness/details.json").read_text())
     assert set(rob["models"]["gexsent"]) == {"random-visual", "block-visual", "noise-visual", "random-acoustic",
                                              "block-acoustic", "noise-acoustic", "subsets"}
-    assert rob["models"]["gexsent"]["random-visual"]["auc_mae"]["n"] == 2
+    assert rob["models"]["gexsent"]["random-visual"]["auc_mae"]["n"] == 2 and rob["rates"] == [0.0, 0.5, 1.0]
     assert len(rob["models"]["gexsent"]["subsets"]["levels"]) == 6           # each modality or pair missing
+    from pipeline.runs import recorded
+
     for run in ("models/gexsent", "models/seeds/gexsent/seed1", "models/ablations/late-no-acoustic/seed1", "models/linear_probe"):
-        written = json.loads((project / run / "metrics.json").read_text())
-        assert written["data"] == rob["data"] and written["selection"]["split"] == "valid", run
+        written = recorded(project / run)
+        assert written["data"] == rob["data"], run
+        assert {read["split"] for read in written["selection"].values()} == {"valid"}, run
+    assert set(recorded(project / "models/gexsent")["selection"]) == {"early_stopping", "checkpoint"}
+    assert set(recorded(project / "models/linear_probe")["selection"]) == {"penalty"}
 
 
 def test_every_trained_model_is_reported_with_the_seeds_it_has(project):
@@ -265,11 +278,14 @@ def test_report_flags_mixed_data_and_selection_off_validation(project, tmp_path)
     run = runs.read_run(project / "models" / "gexsent", "gexsent", 0)
     other = runs.read_run(project / "models" / "late_fusion", "late_fusion", 0)
     assert flags([run, other], None) == []
-    other.metrics = {**other.metrics, "selection": {"split": "test", "segments": 16},
-                     "data": {**other.metrics["data"], "split_sha256": "f" * 64}}
+    other.record = {"selection": {"checkpoint": {"split": "test", "segments": 16}},  # as older runs recorded it
+                    "data": {**other.record["data"], "split_sha256": "f" * 64}}
     found = flags([run, other], None)
     assert any("late_fusion seed 0: checkpoint selected on test, not on the validation split" in f for f in found)
     assert any(f.startswith("results come from different data") for f in found)
+    other.record = {**run.record, "selection": None}
+    assert flags([run, other], None) == ["late_fusion seed 0: no selection recorded (which split chose its checkpoint "
+                                         "is unknown: re-run it)"]
 
 
 def test_readme_tables_splices_between_markers_and_is_idempotent(project, tmp_path):
