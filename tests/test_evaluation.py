@@ -371,3 +371,15 @@ def test_text_drop_keeps_special_tokens_and_reencodes_as_the_text_stage(tmp_path
             changed += 1
             assert not np.allclose(new["text_pooled"], seg["text_pooled"], atol=1e-2)   # re-encoded
     assert changed >= 2
+
+
+def test_an_unknown_model_in_evaluate_models_is_named_not_sent_to_dvc_repro(tmp_path):
+    from pipeline import runs
+    from pipeline.errors import UserError
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    params.assign(raw, "evaluate.models=[gce, gcee]")
+    with pytest.raises(UserError) as caught:
+        runs.base_run_dirs(raw, tmp_path)
+    assert "evaluate.models: 'gcee' is not a model (params.yaml has no section of that name" in str(caught.value)
+    assert "dvc repro" not in str(caught.value)
