@@ -286,7 +286,7 @@ class FeatureCache:
 
     def put_failure(self, key: str, reason: str, content: str = "") -> None:
         """Record a clip whose input is bad (deterministic), so re-runs do not retry it."""
-        self.put(key, {}, content, ok=False, reason=reason)
+        self.put(key, {}, content=content, ok=False, reason=reason)
 
     def move_aside(self, key: str) -> Path:
         """Move a damaged entry into <stage>/.damaged/ (kept for a look; safe to delete)."""

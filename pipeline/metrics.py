@@ -22,8 +22,8 @@ F1 is scikit-learn's weighted F1. Metrics undefined on the given labels (Pearson
 constant side, non0 metrics when every label is 0) are None, never a made-up number. "Constant"
 allows for rounding: a side whose spread is below CONSTANT_TOL of its magnitude (labels stored
 as 0.6 everywhere have a float std of 1e-16, not 0); a one-line warning says which side it was.
-Non-finite predictions make every metric None, with a warning. `write_json` writes a metrics
-file as strict JSON: a NaN or infinity that reached it becomes null.
+Non-finite predictions make every metric None (training stops on them itself). `write_json`
+writes a metrics file as strict JSON: a NaN or infinity that reached it becomes null.
 
 Classification: accuracy, macro_f1, weighted_f1, and the confusion matrix.
 """
@@ -105,12 +105,9 @@ def _checked(pred, true, dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _not_finite(pred: np.ndarray, names) -> dict | None:
-    """Every metric None (and a warning) when some predictions are NaN or infinite: no number is made up."""
-    bad = int((~np.isfinite(pred)).sum())
-    if not bad:
-        return None
-    warn_once(f"{bad} of {len(pred)} predictions are not finite: every metric is null")
-    return dict.fromkeys(names)
+    """Every metric None when some predictions are NaN or infinite: no number is made up (training says why:
+    a non-finite loss or validation score stops it)."""
+    return dict.fromkeys(names) if not np.isfinite(pred).all() else None
 
 
 def regression_metrics(pred, true, family: str = "mosi") -> dict[str, float | None]:

@@ -37,7 +37,6 @@ import errno
 import importlib
 import io
 import json
-import math
 import multiprocessing
 import os
 import random
@@ -296,40 +295,52 @@ def run_killed(project: Path, stage: str, kill_at: int) -> int:
     return child.exitcode
 
 
-def _concurrent_child(project: str, stage: str, barrier) -> None:
-    from pipeline.cache import FeatureCache
+def _concurrent_child(project: str, stage: str, first: bool, first_put, second_claimed) -> None:
+    """One of two stages on one cache. The first writes one entry, then waits (holding its claims) until the
+    second has claimed a clip; the second starts once the first has written that entry. So the second always
+    starts while the first is extracting, whatever the machine's speed."""
+    from pipeline.cache import Claims, FeatureCache
 
-    real, puts = FeatureCache.put, []
+    real_put, real_take, puts, claims = FeatureCache.put, Claims.take, [], []
 
-    def counted(self, *args, **kwargs):
+    def put(self, *args, **kwargs):
+        result = real_put(self, *args, **kwargs)
         puts.append(time.time())
-        return real(self, *args, **kwargs)
-    FeatureCache.put = counted
-    barrier.wait()
+        if first and len(puts) == 1:
+            first_put.set()
+            second_claimed.wait(30)  # in vain when the first holds every clip: then the second finds none
+        return result
+
+    def take(self, key):
+        won = real_take(self, key)
+        if won:
+            claims.append(time.time())
+            if not first:
+                second_claimed.set()
+        return won
+    FeatureCache.put, Claims.take = put, take
+    if not first:
+        first_put.wait(120)
     rc = run_stage_in(Path(project), stage)[0]
-    (Path(project) / "puts.json").write_text(json.dumps(puts))
+    (Path(project) / "concurrent.json").write_text(json.dumps({"puts": puts, "claims": claims}))
     os._exit(rc)
 
 
-def run_concurrently(projects: list[Path], stage: str) -> list[list[float]]:
-    """The stage in one child process per project, released together -> for each, when it wrote each of its
-    cache entries (time.time())."""
+def run_concurrently(projects: list[Path], stage: str) -> list[dict[str, list[float]]]:
+    """The stage in two child processes on one cache, the second started while the first extracts -> for each,
+    when (time.time()) it wrote each of its cache entries ("puts") and took each of its claims ("claims")."""
     ctx = _forkserver()
-    barrier = ctx.Barrier(len(projects))
+    first_put, second_claimed = ctx.Event(), ctx.Event()
     target = importlib.import_module("tools.faults")._concurrent_child
-    children = [ctx.Process(target=target, args=(str(p), stage, barrier)) for p in projects]
+    children = [ctx.Process(target=target, args=(str(p), stage, i == 0, first_put, second_claimed))
+                for i, p in enumerate(projects)]
     for child in children:
         child.start()
     for child in children:
         child.join()
     if any(child.exitcode for child in children):
         raise RuntimeError(f"{stage}: exit codes {[child.exitcode for child in children]}")
-    return [json.loads((p / "puts.json").read_text()) for p in projects]
-
-
-def overlap_s(puts: list[list[float]]) -> float:
-    """How long the processes were all writing entries at once (<= 0: one had finished before another began)."""
-    return min(max(p) for p in puts) - max(min(p) for p in puts) if all(puts) else -math.inf
+    return [json.loads((p / "concurrent.json").read_text()) for p in projects]
 
 
 def kill_points(total_events: int, n: int, rng: random.Random) -> list[int]:

@@ -216,7 +216,7 @@ def extract_clip(unit: dict) -> dict:
     with threadpool_limits(1):  # one BLAS thread everywhere: the same sums in the same order on every backend
         feats = acoustic_features(y, s)
     FeatureCache(unit["cache_root"], "acoustic").put(unit["key"], {"n_frames": np.int32(len(feats)), "feats": feats},
-                                                     unit["content"])
+                                                     content=unit["content"])
     return {"frames": len(feats), "media_s": len(y) / s["sample_rate"],
             "decode_s": t1 - t0, "features_s": time.perf_counter() - t1}
 
@@ -272,7 +272,7 @@ def run(manifest, cfg: AcousticParams, cache_root, out_path, *, compute: Compute
             out.clips += 1
             if error is not None:
                 if bad_input:
-                    cache.put_failure(units[i]["key"], error, units[i]["content"])
+                    cache.put_failure(units[i]["key"], error, content=units[i]["content"])
                 else:
                     out.errors[units[i]["key"]] = error
                 continue

@@ -160,7 +160,7 @@ def _extract(b: Batches, todo: dict, settings: dict, cache: FeatureCache) -> Ext
             cache.put(keys[i], {
                 "n_tokens": np.int32(n), "token_ids": np.asarray(ids[i], np.int32),
                 "hidden": h.astype(settings["dtype"]), "pooled_mean": h.mean(axis=0).astype(np.float32), "truncated": np.bool_(truncated),
-            }, text_sha256(text), note=note)
+            }, content=text_sha256(text), note=note)
             out.media_s += b.units[keys[i]][1]
         n_tokens += int(sum(lengths))
         bar.update(len(wanted))

@@ -260,14 +260,14 @@ def _extract(todo: dict, encoder, cache: FeatureCache, settings: dict, batch_siz
                 "no face found in any frame: full frames encoded"
             cache.put(key, {"n_frames": np.int32(len(clip["emb"])), "timestamps": clip["timestamps"],
                             "face_found": clip["face_found"], "emb": clip["emb"].astype(settings["dtype"])},
-                      todo[key]["content"], note=note)
+                      content=todo[key]["content"], note=note)
             bar.update(1)
 
     for i, clip, error, bad_input in parallel_map(decode_clip, units, compute):
         out.clips += 1
         if error is not None:
             if bad_input:
-                cache.put_failure(units[i]["key"], error, units[i]["content"])
+                cache.put_failure(units[i]["key"], error, content=units[i]["content"])
             else:
                 out.errors[units[i]["key"]] = error
             bar.update(1)
