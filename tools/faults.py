@@ -1,6 +1,6 @@
 """Fault injection: what the feature stages survive. tests/test_faults.py runs a few of each fault
 on tiny encoders; this command runs more, on the demo corpus and the real encoders, and prints the
-figures of the README's "Faults: what survives what":
+figures of docs/faults.md:
 
     python -m tools.faults --corpus raw/demo --clips 12 --points 10 --seed 0
 
@@ -13,10 +13,12 @@ reference run on an empty cache:
                written), N drawn at random from the events of the reference run; then the stage is run
                again. The disk only changes at these events, so every state a kill at any moment can
                leave is one of those sampled;
-  damaged      cache entries damaged in each way of DAMAGE, one entry each, then the stage run again:
-               each must be listed under `repaired`;
+  damaged      cache entries damaged in each way of DAMAGE (a swap damages two), as many per run as
+               the good entries allow, then the stage run again: each damaged entry, and nothing
+               else, must be listed under `repaired`;
   ENOSPC       os.fsync raises "No space left on device" from its N-th call on: the stage must stop
-               with one line (exit 2) and leave no temp file; then a normal run;
+               with one line (exit 2) and leave no temp file; then a normal run. (Real short writes:
+               `run_on_small_disk`, a tmpfs of a few kB, which tests/test_faults.py uses);
   dead worker  acoustic on a 2-worker Dask LocalCluster whose worker process is killed in the middle
                of two clips.
 
