@@ -1,8 +1,9 @@
 """Content-addressed per-clip feature cache, shared by the three feature stages.
 
 One entry per (clip content, encoder, result-changing params): an .npz of the
-clip's arrays plus a JSON `meta` (ok or the failure reason, notes, and the
-entry's sha256 and array shapes). Keys are hashes, so
+clip's arrays plus a JSON `meta` (ok or the failure reason, notes, the key it was
+written for, the clip's content hash, and the entry's sha256 and array shapes).
+Keys are hashes, so
 
   * a stage killed halfway (Ctrl-C, kill -9, out of memory) resumes where it
     stopped: every finished clip is already on disk;
@@ -13,26 +14,32 @@ entry's sha256 and array shapes). Keys are hashes, so
     and a stage claims the clips it is about to extract (`Claims`, lock files)
     so that concurrent stages extract each clip once.
 
-Nothing read back is trusted: `get` checks the arrays against the entry's
-checksum and recorded shapes and raises DamagedEntry (a flipped bit, a file cut
-short by a bad copy, a hand-made file); the runner moves such an entry aside
-(`<stage>/.damaged/`, safe to delete), extracts the clip again and lists it in
-its report. Files are created as the umask allows (group-readable by default),
-so a cache shared between users works. Temp files, locks and attempt folders
-name their owner (pid@host); those whose owner is gone are swept at the next
-start.
+Nothing read back is trusted: `meta` checks that the entry was written for the
+key it lies under (a valid entry copied or renamed over another clip's is not that
+clip's result), `get` also checks the arrays against the entry's checksum (which
+covers the key) and recorded shapes; either raises DamagedEntry (a flipped bit, a
+file cut short by a bad copy, a hand-made file, two entries swapped); the runner
+moves such an entry aside (`<stage>/.damaged/`, safe to delete), extracts the clip
+again and lists it in its report.
+
+Sharing: files are created as the umask allows (group-readable with umask 022).
+A folder made inside a setgid folder (one set up for a group: `chgrp team DIR;
+chmod 2775 DIR`) takes that folder's group permissions, whatever the umask, so
+every member of the group can add clips to a cache one of them started. Temp
+files, locks and attempt folders name their owner (pid@host); those whose owner
+is gone are swept at the next start.
 
 The cache lives outside the DVC outputs (params `cache.dir`, env MSA_CACHE_DIR)
 and is safe to delete at any time.
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
 import re
 import socket
+import stat
 import tempfile
 import threading
 import time
@@ -41,6 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import errors
 from .params import param, section
 
 
@@ -73,7 +81,7 @@ def text_sha256(text: str) -> str:
 
 
 # OSErrors that are the disk's, not the clip's: the stage stops with one line (runner.stage_main)
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+DISK_FULL = errors.DISK_FULL
 HEARTBEAT_S = 30.0     # a stage refreshes the lock files of the clips it is extracting this often, so
 LOCK_STALE_S = 120.0   # a lock untouched this long is abandoned (its holder died or hangs);
 STALE_S = 3600.0       # a temp file or attempt folder of another host untouched this long, likewise
@@ -109,25 +117,65 @@ def file_mode(folder: bool = False) -> int:
     return (0o777 if folder else 0o666) & ~umask
 
 
+def share_like_parent(folder: str | os.PathLike) -> None:
+    """Give a new folder its parent's group permissions (and setgid) when the parent is setgid: a folder
+    set up for a group stays writable by the group below it, whatever the umask of whoever adds to it."""
+    parent = os.stat(Path(folder).parent).st_mode
+    if parent & stat.S_ISGID:
+        mode = stat.S_IMODE(os.stat(folder).st_mode)
+        os.chmod(folder, mode | (parent & 0o070) | stat.S_ISGID)
+
+
+def make_dirs(path: str | os.PathLike) -> None:
+    """mkdir -p, each new folder shared like its parent (share_like_parent)."""
+    path, missing = Path(path), []
+    while not path.is_dir():
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir()
+        except FileExistsError:  # made by another process just now
+            continue
+        share_like_parent(folder)
+
+
+def _file_mode_in(folder: Path) -> int:
+    """file_mode(), plus group read in a setgid folder (one set up for a group)."""
+    parent = os.stat(folder).st_mode
+    return file_mode() | (parent & 0o040 if parent & stat.S_ISGID else 0)
+
+
 def atomic_write(path: str | os.PathLike, write) -> None:
     """Call write(file_object) on a temp file beside `path` (named after its owner, so a later run can
-    sweep it if this process dies), then rename it into place with the umask's permissions."""
+    sweep it if this process dies), then rename it into place with the umask's permissions. On any
+    failure the temp file is removed; an OSError (a full disk, no permission) names `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{owner()}.", suffix=".tmp")
+    make_dirs(path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{owner()}.", suffix=".tmp")
+    except OSError as err:
+        raise _naming(err, path) from None
     try:
         with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), file_mode())
+            os.fchmod(f.fileno(), _file_mode_in(path.parent))
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(err, OSError) and err.filename in (None, tmp):
+            raise _naming(err, path) from None
         raise
+
+
+def _naming(err: OSError, path: Path) -> OSError:
+    """The same error (same class, errno and message) naming the file meant, not its temp file."""
+    return type(err)(err.errno, err.strerror or str(err), str(path)) if err.errno else err
 
 
 # .<target>.<pid@host>.<random>.tmp, as atomic_write and Claims name them (older: .<target>.<random>.tmp)
@@ -150,9 +198,9 @@ def sweep_temp_files(folder: str | os.PathLike, recursive: bool = False) -> int:
     return removed
 
 
-def checksum(arrays: dict[str, np.ndarray]) -> str:
-    """sha256 over the names, dtypes, shapes and bytes of an entry's arrays."""
-    h = hashlib.sha256()
+def checksum(arrays: dict[str, np.ndarray], key: str = "") -> str:
+    """sha256 over the key and the names, dtypes, shapes and bytes of an entry's arrays."""
+    h = hashlib.sha256(f"{key}|".encode())
     for name in sorted(arrays):
         a = np.asarray(arrays[name])
         h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
@@ -166,7 +214,7 @@ class DamagedEntry(Exception):
 
 @dataclass
 class Entry:
-    meta: dict                                   # {"ok": bool, "reason": str, "sha256", "shapes", ...}
+    meta: dict                                   # {"ok": bool, "reason", "key", "content", "sha256", "shapes", ...}
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
@@ -202,11 +250,14 @@ class FeatureCache:
             raise DamagedEntry(f"{'unreadable' if arrays else 'metadata unreadable'} ({_why(err)})") from None
         if not isinstance(meta, dict) or "sha256" not in meta or not isinstance(meta.get("shapes"), dict):
             raise DamagedEntry("no checksum (not written by this cache)")
+        if meta.get("key") != key:  # a valid entry, but another clip's (swapped, copied over, renamed)
+            raise DamagedEntry(f"written for another key ({str(meta['key'])[:16]}...)" if meta.get("key")
+                               else "records no key (written by an older version of the cache)")
         return meta, data
 
     def meta(self, key: str) -> dict | None:
         """The entry's metadata alone (its arrays are not read); None when there is no entry.
-        Raises DamagedEntry when the metadata cannot be read or carries no checksum."""
+        Raises DamagedEntry when the metadata cannot be read, carries no checksum or another key."""
         found = self._read(key, arrays=False)
         return found[0] if found else None
 
@@ -220,25 +271,27 @@ class FeatureCache:
         shapes = {k: list(v.shape) for k, v in arrays.items()}
         if shapes != meta["shapes"]:
             raise DamagedEntry(f"arrays {shapes} differ from the recorded shapes {meta['shapes']}")
-        if checksum(arrays) != meta["sha256"]:
+        if checksum(arrays, key) != meta["sha256"]:
             raise DamagedEntry("checksum mismatch")
         return Entry(meta, arrays)
 
-    def put(self, key: str, arrays: dict[str, np.ndarray], **meta) -> None:
+    def put(self, key: str, arrays: dict[str, np.ndarray], content: str = "", **meta) -> None:
+        """Write the entry of `key`; `content` is the clip's content hash (what the key was made from)."""
         meta.setdefault("ok", True)
         payload = {k: np.asarray(v) for k, v in arrays.items()}
-        meta.update(shapes={k: list(v.shape) for k, v in payload.items()}, sha256=checksum(payload))
+        meta.update(key=key, content=content, shapes={k: list(v.shape) for k, v in payload.items()},
+                    sha256=checksum(payload, key))
         payload["__meta__"] = np.array(json.dumps(meta))
         atomic_write(self.path(key), lambda f: np.savez(f, **payload))
 
-    def put_failure(self, key: str, reason: str) -> None:
+    def put_failure(self, key: str, reason: str, content: str = "") -> None:
         """Record a clip whose input is bad (deterministic), so re-runs do not retry it."""
-        self.put(key, {}, ok=False, reason=reason)
+        self.put(key, {}, content=content, ok=False, reason=reason)
 
     def move_aside(self, key: str) -> Path:
         """Move a damaged entry into <stage>/.damaged/ (kept for a look; safe to delete)."""
         dest = self.dir / ".damaged" / f"{key}.npz"
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(dest.parent)
         try:
             os.replace(self.path(key), dest)
         except FileNotFoundError:  # another process moved or replaced it first
@@ -248,8 +301,19 @@ class FeatureCache:
     def sweep(self) -> None:
         """Remove temp files and lock files left by processes that are gone."""
         sweep_temp_files(self.dir, recursive=True)
+        self.sweep_locks()
+
+    def sweep_locks(self) -> None:
+        """Remove the lock files whose holder is gone."""
         for lock in self.dir.glob("*/*.lock") if self.dir.is_dir() else []:
             Claims.remove_if_stale(lock)
+
+
+def _holder(lock: Path) -> str:
+    try:
+        return lock.read_text().strip()
+    except FileNotFoundError:
+        return ""
 
 
 class Claims:
@@ -259,11 +323,12 @@ class Claims:
     not refreshed it for LOCK_STALE_S: a thread touches every held lock each HEARTBEAT_S, so a busy holder
     on another machine is never taken for dead). A lock is made complete, then hard-linked into place, so
     it is never seen empty. Two processes breaking one stale lock at the same moment may both extract that
-    clip: the same result, written atomically; only the work is doubled.
+    clip: the same result, written atomically; only the work is doubled. Breaking a lock sweeps the cache's
+    other stale locks too: a dead holder's claims go when the first of them is taken over, not at the next run.
     """
 
     def __init__(self, cache: FeatureCache):
-        self.cache, self.held = cache, set()
+        self.cache, self.held, self._broken = cache, set(), set()
         self._stop = threading.Event()
         self._beat = threading.Thread(target=self._heartbeat, name="cache-claims", daemon=True)
 
@@ -272,16 +337,20 @@ class Claims:
 
     def take(self, key: str) -> bool:
         lock = self.lock(key)
-        lock.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(lock.parent)
         mine = lock.with_name(f".{lock.name}.{owner()}.link.tmp")
-        mine.write_text(owner())
         try:
+            mine.write_text(owner())
             for _ in range(2):
                 try:
                     os.link(mine, lock)
                 except FileExistsError:
+                    holder = _holder(lock)
                     if not self.remove_if_stale(lock):
                         return False
+                    if holder not in self._broken:  # its other claims are as dead as this one
+                        self._broken.add(holder)
+                        self.cache.sweep_locks()
                     continue
                 self.held.add(key)
                 return True

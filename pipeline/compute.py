@@ -49,6 +49,12 @@ removed when the map ends, and a folder left by a killed stage is swept by the
 next `retry_log` (cache.owner_gone).
 
 A full disk (ENOSPC, EDQUOT) is not a unit's failure: it stops the map, and the stage.
+
+Workers die with the stage: a local worker ends when the stage process that started it does, even
+by kill -9, which runs no clean-up (Linux's parent-death signal, else a thread watching the parent),
+instead of idling on for minutes holding its memory. A stage keeps its pool, or its Dask client and
+LocalCluster, across the maps of one run (it extracts a few claimed clips at a time); the Dask
+ones are closed when the stage ends (`close_dask`).
 """
 from __future__ import annotations
 
@@ -56,8 +62,12 @@ import atexit
 import contextvars
 import os
 import shutil
+import signal
 import socket
+import sys
 import tempfile
+import threading
+import time
 import traceback
 from collections import deque
 from contextlib import contextmanager
@@ -65,7 +75,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from .cache import DISK_FULL, STALE_S, file_mode, owner, owner_gone
+from .cache import DISK_FULL, STALE_S, file_mode, owner, owner_gone, share_like_parent
 from .errors import UserError
 from .params import Check, matches, one_of, param, section
 
@@ -76,14 +86,14 @@ ALLOWED_FAILURES = 3  # local re-runs of a unit whose worker died (Dask's allowe
 @dataclass
 class Compute:
     backend: str = param("local", one_of("local", "dask"), "local (joblib processes) | dask")
-    n_jobs: int = param(2, Check(lambda v: v != 0, "a worker count >= 1, or -1 for all cores"),
+    n_jobs: int = param(2, Check(lambda v: v >= 1 or v == -1, "a worker count >= 1, or -1 for all cores"),
                         "local worker processes (1 = inline, -1 = all cores)")
     scheduler: str = param("local:2", matches(r"local(:[1-9]\d*)?|(tcp|tls)://\S+", "local:N | tcp://host:port | tls://host:port"),
                            "dask only: local:N starts a LocalCluster of N workers; or a running scheduler's address")
 
     def __post_init__(self):
-        if self.n_jobs < 0:  # joblib style: -1 = all cores
-            self.n_jobs = max(1, (os.cpu_count() or 1) + 1 + self.n_jobs)
+        if self.n_jobs == -1:  # joblib style: all cores
+            self.n_jobs = os.cpu_count() or 1
 
     @property
     def workers(self) -> int:
@@ -197,6 +207,7 @@ def parallel_map(fn: Callable, items: Sequence, compute: Compute | None = None) 
     scratch.mkdir(parents=True, exist_ok=True)
     marker_dir = tempfile.mkdtemp(prefix=f"map-{owner()}-", dir=scratch)  # one folder per map: indices are its names
     os.chmod(marker_dir, file_mode(folder=True))  # mkdtemp makes 0700: workers may run as other users
+    share_like_parent(marker_dir)
     try:
         backend_map = _dask_map if compute.backend == "dask" else _local_map
         for index, result, error, bad_input in backend_map(fn, items, compute, marker_dir):
@@ -222,6 +233,24 @@ THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BL
 _POOL: dict = {}  # {"key": (n_jobs, env), "pool": executor}: kept for the next map, as joblib keeps its own
 
 
+def die_with_parent(parent: int) -> None:
+    """Run in each local worker as it starts: end it when the stage process `parent` ends, however it ends.
+    Linux: the kernel sends SIGKILL when the parent dies (prctl PR_SET_PDEATHSIG); elsewhere a thread polls."""
+    try:
+        import ctypes
+
+        if not sys.platform.startswith("linux") or ctypes.CDLL(None).prctl(1, signal.SIGKILL) != 0:
+            raise OSError("no parent-death signal")
+    except (OSError, AttributeError):
+        def watch():
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os._exit(1)
+        threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
+    if os.getppid() != parent:  # it died before the signal was set
+        os._exit(1)
+
+
 def _local_pool(n_jobs: int, env: dict):
     """A loky process pool of n_jobs workers, reused across maps (worker start-up is paid once).
     Our own, not loky's process-wide reusable one: joblib.Parallel elsewhere in this process (the
@@ -231,10 +260,16 @@ def _local_pool(n_jobs: int, env: dict):
     key = (n_jobs, tuple(sorted(env.items())))
     if _POOL.get("key") != key:
         _drop_local_pool()
-        # idle workers exit after 5 minutes, and are started again when needed
-        _POOL.update(key=key, pool=ProcessPoolExecutor(max_workers=n_jobs, env=env, timeout=300))
+        # idle workers exit after 5 minutes, and are started again when needed; all of them when this process dies
+        _POOL.update(key=key, pool=ProcessPoolExecutor(max_workers=n_jobs, env=env, timeout=300,
+                                                       initializer=die_with_parent, initargs=(os.getpid(),)))
         atexit.register(_drop_local_pool)  # before interpreter teardown, which loky's own clean-up trips over
     return _POOL["pool"]
+
+
+def close_dask() -> None:
+    """Close the Dask client (and LocalCluster) kept across the maps of a stage: run_stage calls it when done."""
+    _drop_dask()
 
 
 def _drop_local_pool(kill: bool = False) -> None:
@@ -302,14 +337,27 @@ def _local_map(fn: Callable, items: Sequence, compute: Compute, marker_dir: str)
             if deaths_unexplained > ALLOWED_FAILURES:  # dies outside any unit (cannot start?): nothing to pin it on
                 raise RuntimeError("the local worker pool keeps dying outside any work unit; what finished is in "
                                    "the cache: re-run the stage to resume (or use compute.n_jobs: 1 to see the error)")
+    except OSError as err:
+        if err.errno in DISK_FULL and running:  # the units in flight end as they will (failing alike, each
+            _drop_local_pool()                  # removing its temp file) instead of being killed mid-write
+            running.clear()
+        raise
     finally:
         if running:  # the caller stopped early (an error, Ctrl-C): stop what is still running
             _drop_local_pool(kill=True)
 
 
-def _dask_map(fn: Callable, items: Sequence, compute: Compute, marker_dir: str):
-    from distributed import Client, KilledWorker, LocalCluster, as_completed
+_DASK: dict = {}  # {"key": (scheduler, workers), "client", "cluster"}: kept for the next map of the stage
 
+
+def _dask_client(compute: Compute):
+    """A Dask client for compute.scheduler (starting a LocalCluster for local:N), reused across maps."""
+    from distributed import Client, LocalCluster
+
+    key = (compute.scheduler, compute.workers)
+    if _DASK.get("key") == key and _DASK["client"].status == "running":
+        return _DASK["client"]
+    _drop_dask()
     cluster = None
     if compute.scheduler.startswith("local"):
         cluster = LocalCluster(n_workers=compute.workers, threads_per_worker=1, processes=True,
@@ -322,6 +370,25 @@ def _dask_map(fn: Callable, items: Sequence, compute: Compute, marker_dir: str):
             hint = "; tls:// needs Dask's TLS settings (README: Scaling out)" if compute.scheduler.startswith("tls") else ""
             raise UserError(f"compute.scheduler {compute.scheduler}: cannot connect ({type(err).__name__}: "
                             f"{(str(err).splitlines() or [''])[0][:160]}){hint}") from None
+    _DASK.update(key=key, client=client, cluster=cluster)
+    atexit.register(_drop_dask)
+    return client
+
+
+def _drop_dask() -> None:
+    atexit.unregister(_drop_dask)
+    client, cluster = _DASK.pop("client", None), _DASK.pop("cluster", None)
+    _DASK.clear()
+    if client is not None:
+        client.close()
+    if cluster is not None:
+        cluster.close()
+
+
+def _dask_map(fn: Callable, items: Sequence, compute: Compute, marker_dir: str):
+    from distributed import KilledWorker, as_completed
+
+    client = _dask_client(compute)
     try:
         window = 2 * max(1, sum(client.nthreads().values()))  # bounded in flight, like pre_dispatch
         pending = iter(range(len(items)))
@@ -366,7 +433,6 @@ def _dask_map(fn: Callable, items: Sequence, compute: Compute, marker_dir: str):
             nxt = next(pending, None)
             if nxt is not None:
                 submit(nxt)
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
+    except BaseException:
+        _drop_dask()  # stopped early (an error, Ctrl-C): nothing of this map may run on
+        raise

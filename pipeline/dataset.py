@@ -17,6 +17,12 @@ Both passes over a feature table stream its row groups and the values are writte
 memory-mapped files, so memory stays flat in corpus size; loading is `np.load(mmap_mode="r")`.
 A segment whose modality failed extraction keeps its other modalities; that one has length 0 and
 its mask is all False at training time.
+
+Nothing non-finite gets in: a segment whose features hold NaN or infinity is rejected (listed in
+meta.json `rejected` with its reason, left out of every split and of the statistics), or with
+`non_finite: stop` the stage stops naming the segments. An empty split, or labels that are all
+the same in train, stop the stage with one line: there would be nothing to select on, report or
+learn.
 """
 from __future__ import annotations
 
@@ -35,7 +41,7 @@ import torch
 
 from . import presets, schema
 from .errors import UserError
-from .params import fail, ge, param, section
+from .params import fail, ge, one_of, param, section
 
 # the manifest columns that say what the data is (not where it lies): hashed into every result
 CONTENT_COLUMNS = ("id", "video_id", "split", "label", "label_name", "text", "content_hash")
@@ -48,6 +54,8 @@ class AssembleParams:
                                       "per modality: longer sequences are mean-pooled down to this many steps (0 = no cap)")
     allow_shared_videos: bool = param(False, doc="let a video_id (speaker/video) appear in two splits; "
                                                  "false: assemble fails on it (leakage guard)")
+    non_finite: str = param("reject", one_of("reject", "stop"),
+                            "a segment whose features hold NaN/inf: reject it (listed with its reason) | stop the stage")
 
     def __post_init__(self):
         for m in self.max_steps:
@@ -83,12 +91,22 @@ def _summarise_extra(reducer: str, values: list) -> float | None:
     return float(np.concatenate(flat).mean()) if flat and sum(map(len, flat)) else None
 
 
-def _assemble_modality(m: schema.Modality, path: Path, out: Path, row_of: dict[str, int], is_train: np.ndarray,
-                       max_steps: int) -> dict:
-    """Two streaming passes over one feature table: lengths and train statistics, then the model inputs."""
-    fmeta = schema.read_meta(path)
-    dim, n = int(fmeta["dim"]), len(is_train)
-    lengths, n_ids = np.zeros(n, np.int64), np.zeros(n, np.int64)
+@dataclass
+class Scan:
+    """Pass 1 over one feature table: per manifest row its steps (after max_steps), token ids and count of
+    non-finite values; the train statistics; the extras' values."""
+    lengths: np.ndarray
+    n_ids: np.ndarray
+    non_finite: np.ndarray
+    norm: dict
+    extras: dict
+
+
+def _scan_modality(m: schema.Modality, path: Path, row_of: dict[str, int], is_train: np.ndarray,
+                   max_steps: int) -> Scan:
+    """Lengths, train statistics and non-finite values of one feature table, streamed."""
+    dim, n = int(schema.read_meta(path)["dim"]), len(is_train)
+    lengths, n_ids, non_finite = np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64)
     steps, pooled = schema.Moments(dim), schema.Moments(dim)
     present_columns = set(pq.read_schema(path).names)
     extras: dict[str, list] = {column: [] for column, _, _ in m.extras if column in present_columns}
@@ -97,20 +115,31 @@ def _assemble_modality(m: schema.Modality, path: Path, out: Path, row_of: dict[s
         r = row_of.get(id_)
         if r is None:
             continue
+        if dim == 0 or row[m.sequence].size % dim:
+            raise UserError(f"{path}: {id_} holds {row[m.sequence].size} {m.name} values, not whole steps of "
+                            f"the table's width {dim}: re-run the `{m.name}` stage")
         seq = row[m.sequence].reshape(-1, dim)
+        non_finite[r] = int((~np.isfinite(seq)).sum()) + (int((~np.isfinite(row[m.pooled])).sum()) if m.pooled else 0)
         lengths[r] = schema.shrunk_length(len(seq), max_steps)
         if m.token_ids:
             n_ids[r] = len(row[m.token_ids])
         for column in extras:
             extras[column].append(row[column])
-        if is_train[r]:
+        if is_train[r] and not non_finite[r]:
             steps.add(schema.shrink(seq, max_steps))
             if m.pooled:
                 pooled.add(row[m.pooled])
     norm = {}
     for key, moments in zip(schema.norm_keys(m), (steps, pooled)):
         norm[f"{key}_mean"], norm[f"{key}_std"] = moments.stats()
+    return Scan(lengths, n_ids, non_finite, norm, extras)
 
+
+def _assemble_modality(m: schema.Modality, path: Path, out: Path, row_of: dict[str, int], scan: Scan,
+                       max_steps: int) -> dict:
+    """Pass 2 over one feature table: the model inputs, into memory-mapped arrays; returns the modality's info."""
+    fmeta = schema.read_meta(path)
+    dim, n, lengths, n_ids, norm = int(fmeta["dim"]), len(scan.lengths), scan.lengths, scan.n_ids, scan.norm
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     values = np.lib.format.open_memmap(out / f"{m.name}.values.npy", "w+", schema.STORE_DTYPE, (int(offsets[-1]), dim))
     vectors = np.lib.format.open_memmap(out / f"{m.name}_pooled.npy", "w+", np.float32, (n, dim)) if m.pooled else None
@@ -138,8 +167,9 @@ def _assemble_modality(m: schema.Modality, path: Path, out: Path, row_of: dict[s
     info = {"dim": dim, "present": int(present.sum()), "missing": int((~present).sum()),
             "max_len": int(lengths.max(initial=0)), "mean_len": float(lengths[present].mean()) if present.any() else 0.0,
             "encoder": fmeta.get("encoder"), "params": fmeta.get("params")}
-    info.update({column: _summarise_extra(reducer, extras[column]) for column, reducer, _ in m.extras if column in extras})
-    return info, norm
+    info.update({column: _summarise_extra(reducer, scan.extras[column])
+                 for column, reducer, _ in m.extras if column in scan.extras})
+    return info
 
 
 def provenance(manifest: pd.DataFrame) -> dict:
@@ -168,42 +198,100 @@ def _check_leakage(manifest: pd.DataFrame, allow: bool) -> dict[str, list[str]]:
     return shared
 
 
+def _constant(labels: np.ndarray) -> bool:
+    """All the same, up to rounding (0.1 + 0.2 and 0.3 are one label): spread below 1e-6 of their magnitude."""
+    return len(labels) == 0 or np.ptp(labels) <= 1e-6 * max(1.0, float(np.abs(labels).max()))
+
+
+def _check_splits(manifest: pd.DataFrame, task: str) -> list[str]:
+    """Stop on an empty split or on train labels that are all the same; warnings for a constant valid/test."""
+    sizes = {s: int((manifest["split"] == s).sum()) for s in presets.SPLITS}
+    shown = "/".join(map(str, sizes.values()))
+    for split, size in sizes.items():
+        if not size:
+            raise UserError(f"the {split} split has no segments (train/valid/test: {shown}): training chooses its "
+                            f"checkpoint on valid and reports test; give every split segments")
+    warnings = []
+    for split in presets.SPLITS:
+        labels = manifest.loc[manifest["split"] == split, "label"].to_numpy(np.float64)
+        if task == "classification" and len(np.unique(labels)) > 1 or task != "classification" and not _constant(labels):
+            continue
+        if split == "train":
+            raise UserError(f"every train label is {labels[0]:g}: nothing to learn (and Corr undefined); check the "
+                            f"labels (label.csv, or the pickle's) and data.task")
+        warnings.append(f"every {split} label is {labels[0]:g}: its Corr (and F1) will be undefined")
+    return warnings
+
+
+def _rejections(scans: dict[str, Scan], manifest: pd.DataFrame, rejected: dict[str, str]) -> dict[str, str]:
+    """id -> why, for segments whose features hold non-finite values (not yet in `rejected`)."""
+    found: dict[str, list[str]] = {}
+    ids = manifest["id"].to_numpy()
+    for name, scan in scans.items():
+        for r in np.flatnonzero(scan.non_finite):
+            found.setdefault(ids[r], []).append(f"{name} features hold {scan.non_finite[r]} NaN/inf values")
+    return {id_: "; ".join(why) for id_, why in found.items() if id_ not in rejected}
+
+
 def assemble(manifest_path: str | Path, feature_paths: dict[str, str | Path], out_dir: str | Path,
              cfg: AssembleParams | None = None) -> dict:
     """Build the training set folder from the manifest and whichever feature tables exist; returns its meta."""
     cfg = cfg or AssembleParams()
-    manifest = pd.read_parquet(manifest_path)
+    full = pd.read_parquet(manifest_path)
     manifest_meta = schema.read_meta(manifest_path)
     task = manifest_meta.get("task") or "regression"
-    shared = _check_leakage(manifest, cfg.allow_shared_videos)
-    row_of = {sid: i for i, sid in enumerate(manifest["id"])}
-    is_train = manifest["split"].to_numpy() == "train"
+    shared = _check_leakage(full, cfg.allow_shared_videos)
+    tables, skipped = {}, {}
+    for name in schema.REGISTRY:
+        path = Path(feature_paths.get(name, ""))
+        if not path.is_file():
+            skipped[name] = f"no {path.name or name + ' features'}"
+        elif pq.ParquetFile(path).metadata.num_rows == 0:
+            skipped[name] = schema.read_meta(path).get("note") or "no segment has this modality"
+        else:
+            tables[name] = path
+    if not tables:
+        raise UserError("no modality has features: nothing to train on")
+    rejected: dict[str, str] = {}
+    while True:  # twice at most: statistics again without the rejected segments
+        manifest = full[~full["id"].isin(rejected)].reset_index(drop=True)
+        warnings = _check_splits(manifest, task)
+        row_of = {sid: i for i, sid in enumerate(manifest["id"])}
+        is_train = manifest["split"].to_numpy() == "train"
+        scans = {name: _scan_modality(schema.get(name), path, row_of, is_train, cfg.max_steps.get(name, 0))
+                 for name, path in tables.items()}
+        found = _rejections(scans, manifest, rejected)
+        if not found:
+            break
+        if cfg.non_finite == "stop":
+            first = next(iter(found.items()))
+            raise UserError(f"{len(found)} segment(s) have non-finite features ({', '.join(list(found)[:5])}"
+                            f"{', ...' if len(found) > 5 else ''}; {first[0]}: {first[1]}); fix or re-extract them, "
+                            f"or set assemble.non_finite: reject")
+        rejected.update(found)
     out = Path(str(out_dir) + ".tmp")
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    meta = {"task": task, "classes": manifest_meta.get("classes") if task == "classification" else None,
-            "conventions": manifest_meta.get("conventions") or presets.DEFAULT,
-            "segments": len(manifest), "max_steps": dict(cfg.max_steps),
-            "splits": manifest["split"].value_counts().to_dict(), "modalities": {}, "skipped": {},
-            "provenance": {**provenance(manifest), "shared_videos": len(shared)}}
-    norm = {}
-    for name, m in schema.REGISTRY.items():
-        path = Path(feature_paths.get(name, ""))
-        if not path.is_file():
-            meta["skipped"][name] = f"no {path.name or name + ' features'}"
-            continue
-        if pq.ParquetFile(path).metadata.num_rows == 0:
-            meta["skipped"][name] = schema.read_meta(path).get("note") or "no segment has this modality"
-            continue
-        meta["modalities"][name], stats = _assemble_modality(m, path, out, row_of, is_train, cfg.max_steps.get(name, 0))
-        norm.update(stats)
-    if not meta["modalities"]:
-        raise ValueError("no modality has features: nothing to train on")
-    np.savez(out / "norm.npz", **norm)
-    manifest[["id", "video_id", "split", "label", "label_name"]].to_parquet(out / "index.parquet", index=False)
-    (out / "meta.json").write_text(json.dumps(meta, indent=2, default=float))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(out, out_dir)
+    try:
+        meta = {"task": task, "classes": manifest_meta.get("classes") if task == "classification" else None,
+                "conventions": manifest_meta.get("conventions") or presets.DEFAULT,
+                "segments": len(manifest), "max_steps": dict(cfg.max_steps),
+                "splits": manifest["split"].value_counts().to_dict(), "modalities": {}, "skipped": skipped,
+                "rejected": [{"id": id_, "reason": why} for id_, why in rejected.items()], "warnings": warnings,
+                "provenance": {**provenance(manifest), "shared_videos": len(shared)}}
+        norm = {}
+        for name, path in tables.items():
+            meta["modalities"][name] = _assemble_modality(schema.get(name), path, out, row_of, scans[name],
+                                                          cfg.max_steps.get(name, 0))
+            norm.update(scans[name].norm)
+        np.savez(out / "norm.npz", **norm)
+        manifest[["id", "video_id", "split", "label", "label_name"]].to_parquet(out / "index.parquet", index=False)
+        (out / "meta.json").write_text(json.dumps(meta, indent=2, default=float))
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(out, out_dir)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)  # no half-written dataset left beside the outputs
+        raise
     return meta
 
 

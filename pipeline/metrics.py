@@ -19,20 +19,77 @@ Binning compares in float32 as MMSA does (its tensors are float32): a prediction
 stored as float32 is neutral there, and would be positive if widened to float64 first.
 
 F1 is scikit-learn's weighted F1. Metrics undefined on the given labels (Pearson with a
-constant side, non0 metrics when every label is 0) are None, never a made-up number.
+constant side, non0 metrics when every label is 0) are None, never a made-up number. "Constant"
+allows for rounding: a side whose spread is below CONSTANT_TOL of its magnitude (labels stored
+as 0.6 everywhere have a float std of 1e-16, not 0); a one-line warning says which side it was.
+Non-finite predictions make every metric None (training stops on them itself). `write_json`
+writes a metrics file as strict JSON: a NaN or infinity that reached it becomes null.
 
 Classification: accuracy, macro_f1, weighted_f1, and the confusion matrix.
 """
 from __future__ import annotations
 
+import json
+import math
+import os
+import sys
+
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
+CONSTANT_TOL = 1e-6   # a spread below this fraction of the values' magnitude (at least 1) counts as constant
+_warned: set[str] = set()
 
-def _pearson(a: np.ndarray, b: np.ndarray) -> float | None:
-    if len(a) < 2 or np.std(a) == 0 or np.std(b) == 0:
+
+def warn_once(message: str) -> None:
+    """One line on stderr, once per process per message (metrics are computed every epoch and in bootstraps)."""
+    if message not in _warned:
+        _warned.add(message)
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def is_constant(values: np.ndarray) -> bool:
+    values = np.asarray(values, np.float64)
+    return len(values) == 0 or np.ptp(values) <= CONSTANT_TOL * max(1.0, float(np.abs(values).max()))
+
+
+def _pearson(pred: np.ndarray, true: np.ndarray) -> float | None:
+    """Pearson's r, or None (with a warning) where it is undefined: fewer than 2 values, or a constant side."""
+    side = "labels" if is_constant(true) else "predictions" if is_constant(pred) else None
+    if len(pred) < 2 or side:
+        warn_once(f"corr is null: the {side or 'values'} are constant" if side else "corr is null: fewer than 2 values")
         return None
-    return float(np.corrcoef(a, b)[0, 1])
+    r = float(np.corrcoef(pred, true)[0, 1])
+    return r if math.isfinite(r) else None
+
+
+def finite(obj):
+    """obj with every float NaN or infinity (in nested dicts and lists) replaced by None."""
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    return obj
+
+
+def write_json(path: str | os.PathLike, result: dict) -> None:
+    """A metrics file as strict JSON (`dvc metrics` and every JSON reader accept it: NaN -> null), through a
+    temp file renamed into place; on failure (a full disk) the temp file goes and the error names `path`."""
+    path = os.fspath(path)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    text = json.dumps(finite(result), indent=2, allow_nan=False) + "\n"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException as err:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(err, OSError) and err.errno and err.filename in (None, tmp):
+            raise type(err)(err.errno, err.strerror, path) from None
+        raise
 
 
 def _class_acc(pred: np.ndarray, true: np.ndarray, bound: float) -> float:
@@ -47,6 +104,12 @@ def _checked(pred, true, dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
     return pred, true
 
 
+def _not_finite(pred: np.ndarray, names) -> dict | None:
+    """Every metric None when some predictions are NaN or infinite: no number is made up (training says why:
+    a non-finite loss or validation score stops it)."""
+    return dict.fromkeys(names) if not np.isfinite(pred).all() else None
+
+
 def regression_metrics(pred, true, family: str = "mosi") -> dict[str, float | None]:
     """The metrics of `family` ("mosi" or "sims", see the module docstring)."""
     if family == "sims":
@@ -54,6 +117,8 @@ def regression_metrics(pred, true, family: str = "mosi") -> dict[str, float | No
     if family != "mosi":
         raise ValueError(f"unknown metric family {family!r} (mosi | sims)")
     pred, true = _checked(pred, true)
+    if (none := _not_finite(pred, MOSI_KEYS)) is not None:
+        return none
     out: dict[str, float | None] = {
         "mae": float(np.mean(np.abs(pred - true))),
         "corr": _pearson(pred, true),
@@ -71,6 +136,8 @@ def regression_metrics(pred, true, family: str = "mosi") -> dict[str, float | No
     return out
 
 
+MOSI_KEYS = ("mae", "corr", "acc2_has0", "f1_has0", "acc2_non0", "f1_non0", "acc5", "acc7")
+SIMS_KEYS = ("mae", "corr", "acc2", "acc3", "acc5", "f1")
 SIMS_EDGES = {2: (-1.01, 0.0, 1.01), 3: (-1.01, -0.1, 0.1, 1.01), 5: (-1.01, -0.7, -0.1, 0.1, 0.7, 1.01)}
 
 
@@ -83,6 +150,8 @@ def sims_bins(values, classes: int) -> np.ndarray:
 
 def sims_metrics(pred, true) -> dict[str, float | None]:
     pred32, true32 = _checked(pred, true, np.float32)
+    if (none := _not_finite(pred32, SIMS_KEYS)) is not None:
+        return none
     clipped_pred = np.clip(pred32, -1, 1).astype(np.float64)
     clipped_true = np.clip(true32, -1, 1).astype(np.float64)
     out: dict[str, float | None] = {

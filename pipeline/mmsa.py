@@ -13,11 +13,22 @@ Two layouts, told apart by their keys; each is {split: {key: array}}:
            audio_lengths, vision_lengths, regression_labels, classification_labels, annotations,
            CH-SIMS also regression_labels_T/_A/_V. A row's steps are its first <length> ones.
     mult   text (N, 50, 300 GloVe), audio (N, 375, 5), vision (N, 500, 20), labels (N, 1, 1),
-           id (bytes, first column '<video>_<clip>'). No lengths and no transcripts: as GCE's
-           loader reads them, a row has L - (its all-zero steps) steps, the last ones.
+           id (bytes rows). No lengths and no transcripts: as GCE's loader reads them, a row
+           has L - (its all-zero steps) steps, the last ones.
 
-Lengths, where the pickle has none (mult, MMSA text without text_bert, aligned pickles without
-*_lengths), are L minus the row's all-zero steps. Text lengths come from the text_bert mask.
+Ids come in two styles, told apart per file: one string '<video_id><sep><clip_id>' (MMSA's
+'$_$', MOSI's MulT rows '<video>_<clip>' in their first column), or MulT/CMU MOSEI rows
+[video_id, start, end] (the video id may hold '_'; the clip id is then '<start>-<end>'). A file
+whose first columns repeat with other times, or mostly do not end in '_<number>', is the latter.
+
+Lengths: text from the text_bert mask, or where there is none L minus the row's all-zero steps;
+audio and vision from *_lengths. An aligned MMSA file (no *_lengths; audio and vision as many
+steps as text) has them on text's word steps: zeros under [CLS] and [SEP], so a row has as many
+audio and vision steps as text tokens. An MMSA file without *_lengths whose audio or vision steps
+differ from text's cannot be read that way and is refused. MulT files: L minus the all-zero steps.
+
+Every split must hold rows, whole (N, steps, dim) arrays (a ragged per-row list is refused) and
+the same feature widths as train; otherwise prepare stops with one line.
 
 Values: -inf (real MOSI/MOSEI audio has them) is set to 0, as MMSA's loader does, and counted;
 never a reason to reject. Other non-finite values (NaN, +inf) are set to 0 and counted too,
@@ -32,6 +43,8 @@ reads a block of rows at a time, so prepare and the stages are flat in corpus si
 from __future__ import annotations
 
 import os
+import re
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,9 +104,24 @@ class Split:
             return np.asarray(self.values[key], np.float64).reshape(-1).astype(np.int64)
         if m == "text" and "text_bert" in self.values:
             return np.concatenate([b[:, 1].sum(-1) for b in safe_pickle.row_blocks(self.values["text_bert"])]).astype(np.int64)
+        if m != "text" and not self.layout.pad_front:  # MMSA without *_lengths: an aligned file, or unreadable
+            if self.aligned():
+                return self.lengths("text")
+            text = self.array("text")
+            raise PickleError(f"{self.name} has no {key}, and its {MODALITY_KEYS[m]} has {self.array(m).shape[1]} steps "
+                              + (f"where text has {text.shape[1]}" if text is not None else "and no text to align to")
+                              + ": not an aligned file, so which steps are real cannot be told; add "
+                              + ", ".join(LENGTH_KEYS.values()) + " (as MMSA's unaligned files have)")
         array = self.array(m)
         return np.concatenate([array.shape[1] - (~np.any(b != 0, axis=-1)).sum(-1)
                                for b in safe_pickle.row_blocks(array)]).astype(np.int64)
+
+    def aligned(self) -> bool:
+        """Word-aligned: no *_lengths, and audio and vision (those present) as many steps as text."""
+        text = self.array("text")
+        others = [self.array(m) for m in LENGTH_KEYS if self.array(m) is not None]
+        return text is not None and not any(k in self.values for k in LENGTH_KEYS.values()) \
+            and all(a.shape[1] == text.shape[1] for a in others)
 
 
 def open_pickle(path: str | os.PathLike, conventions: dict) -> tuple[Layout, dict[str, Split]]:
@@ -110,40 +138,107 @@ def open_pickle(path: str | os.PathLike, conventions: dict) -> tuple[Layout, dic
                           f"train holds {', '.join(map(str, first)) if isinstance(first, dict) else type(first).__name__}")
     splits = {s: Split(names[s], data[names[s]], layout) for s in presets.SPLITS}
     for s, split in splits.items():
-        _check_shapes(path, s, split)
+        if not isinstance(split.values, dict):
+            raise PickleError(f"{path}: {split.name} is a {type(split.values).__name__}, expected a dict of arrays")
+        _check_shapes(path, split)
+    _check_widths(path, splits)
     return layout, splits
 
 
-def _check_shapes(path, s: str, split: Split) -> None:
-    n = len(split)
-    for key in ("id", *MODALITY_KEYS.values(), *LENGTH_KEYS.values(), "text_bert", "raw_text"):
+def _check_shapes(path, split: Split) -> None:
+    """Every split: a label key, rows, an id, and whole arrays of as many rows as labels."""
+    if split.layout.label_key not in split.values:
+        raise PickleError(f"{path}: {split.name} has no {split.layout.label_key}")
+    for key in (split.layout.label_key, "id", *MODALITY_KEYS.values(), *LENGTH_KEYS.values(), "text_bert", "raw_text"):
         if key not in split.values:
             continue
         value = split.values[key]
+        if isinstance(value, (list, tuple)) and key != "raw_text":  # per-row lists: one array, or refused
+            shapes = list(dict.fromkeys(np.shape(v) for v in value))
+            if len(shapes) > 1:
+                raise PickleError(f"{path}: {split.name}/{key} is a list of {len(value)} per-row arrays of differing "
+                                  f"shapes ({', '.join(map(str, shapes[:3]))}...): expected one (N, ...) array, padded")
+            split.values[key] = value = np.asarray(value)
         rows = len(value)
-        if rows != n:
-            raise PickleError(f"{path}: {split.name}/{key} has {rows} rows but {split.name} has {n} labels")
+        if rows != len(split):
+            raise PickleError(f"{path}: {split.name}/{key} has {rows} rows but {split.name} has {len(split)} labels")
         if key in MODALITY_KEYS.values() and np.ndim(value) != 3:
             raise PickleError(f"{path}: {split.name}/{key} has shape {tuple(np.shape(value))}, expected (N, steps, dim)")
     if "id" not in split.values:
         raise PickleError(f"{path}: {split.name} has no id")
+    if not len(split):
+        raise PickleError(f"{path}: {split.name} has no rows: every split needs segments (training chooses its "
+                          f"checkpoint on valid and reports test)")
 
 
-def parse_ids(split: Split) -> list[tuple[str, str] | str]:
-    """(video_id, clip_id) per row, or the reason the id is unusable."""
+def _check_widths(path, splits: dict[str, Split]) -> None:
+    """The same modalities, each as wide, in every split (a model has one input width)."""
+    train = splits["train"]
+    for m, key in MODALITY_KEYS.items():
+        want = train.array(m)
+        for split in splits.values():
+            got = split.array(m)
+            if (got is None) != (want is None):
+                has, lacks = (split, train) if want is None else (train, split)
+                raise PickleError(f"{path}: {has.name} has {key} but {lacks.name} has none: every split needs the "
+                                  f"same modalities")
+            if got is not None and got.shape[2] != want.shape[2]:
+                raise PickleError(f"{path}: {split.name}/{key} is {got.shape[2]} wide but {train.name}/{key} is "
+                                  f"{want.shape[2]}: every split needs the same feature width")
+
+
+def _text(value) -> str:
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def id_fields(split: Split) -> list[list[str]]:
+    """Each row's id as text fields: [the id] for a string, the columns of a row ([video, start, end], ...)."""
     raw = split.values["id"]
-    out = []
-    for value in (np.asarray(raw, dtype=object) if not isinstance(raw, list) else raw):
-        if split.layout.name == "mult":  # a bytes row whose first column is '<video>_<clip>'
-            value = np.asarray(value, dtype=object).reshape(-1)[0]
-        if isinstance(value, bytes):
-            value = value.decode("utf-8", errors="replace")
-        value = str(value)
-        video_id, sep, clip_id = value.rpartition(split.layout.id_separator)
-        if not sep or not video_id or not clip_id:
-            out.append(f"id {value!r} is not <video_id>{split.layout.id_separator}<clip_id>")
-        elif "/" in video_id or "/" in clip_id:
-            out.append(f"id {value!r} contains '/'")
+    rows = np.asarray(raw, dtype=object) if not isinstance(raw, list) else raw
+    return [[_text(value)] if isinstance(value, (str, bytes)) else
+            [_text(v) for v in np.asarray(value, dtype=object).reshape(-1)] for value in rows]
+
+
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+VIDEO_START_END, JOINED = "[video_id, start, end]", "<video_id><sep><clip_id>"
+
+
+def _timed(fields: list[str]) -> bool:
+    return len(fields) >= 3 and all(_NUMBER.fullmatch(f.strip()) for f in fields[1:3])
+
+
+def id_style(splits: dict[str, Split]) -> str:
+    """JOINED or VIDEO_START_END for the whole file (see the module doc)."""
+    rows = [fields for split in splits.values() for fields in id_fields(split)]
+    timed = [f for f in rows if _timed(f)]
+    if not timed or len(timed) < len(rows) / 2:
+        return JOINED
+    times = defaultdict(set)
+    for f in timed:
+        times[f[0]].add((f[1], f[2]))
+    sep = next(iter(splits.values())).layout.id_separator
+    joined = sum(1 for f in timed if re.fullmatch(rf".+{re.escape(sep)}\d+", f[0]))
+    return VIDEO_START_END if any(len(t) > 1 for t in times.values()) or joined < len(timed) / 2 else JOINED
+
+
+def parse_ids(split: Split, style: str = JOINED) -> list[tuple[str, str] | str]:
+    """(video_id, clip_id) per row, or the reason the id is unusable."""
+    out, sep = [], split.layout.id_separator
+    for fields in id_fields(split):
+        if style == VIDEO_START_END:
+            if not _timed(fields) or not fields[0].strip():
+                out.append(f"id {fields!r} is not [video_id, start, end]")
+                continue
+            video_id, clip_id, shown = fields[0].strip(), f"{fields[1].strip()}-{fields[2].strip()}", repr(fields[:3])
+        else:
+            value = fields[0] if fields else ""
+            video_id, found, clip_id = value.rpartition(sep)
+            shown = repr(value)
+            if not found or not video_id or not clip_id:
+                out.append(f"id {shown} is not <video_id>{sep}<clip_id>")
+                continue
+        if "/" in video_id or "/" in clip_id:
+            out.append(f"id {shown} contains '/'")
         else:
             out.append((video_id, clip_id))
     return out
@@ -240,6 +335,7 @@ def read_pickle(data) -> tuple[list[dict], list[dict], dict, dict[str, str]]:
     if not path.is_file():
         raise PickleError(f"data.root {path} is not a file: with data.format mmsa it is the feature pickle")
     layout, splits = open_pickle(path, data.conventions())
+    style = id_style(splits)
     rows, rejects, seen, counts = [], [], {}, {}
     for s, split in splits.items():
         labels, names, reasons = _labels(split, data)
@@ -247,7 +343,7 @@ def read_pickle(data) -> tuple[list[dict], list[dict], dict, dict[str, str]]:
         texts = np.asarray(split.values["raw_text"], dtype=object) if "raw_text" in split.values else None
         unimodal = {x: np.asarray(split.values[f"regression_labels_{x}"], np.float64).reshape(-1)
                     for x in UNIMODAL if f"regression_labels_{x}" in split.values}
-        for i, parsed in enumerate(parse_ids(split)):
+        for i, parsed in enumerate(parse_ids(split, style)):
             where = f"{split.name}[{i}]"
             video_id, clip_id = parsed if isinstance(parsed, tuple) else ("", "")
             sid = schema.segment_id(video_id, clip_id) if video_id else ""
@@ -266,6 +362,11 @@ def read_pickle(data) -> tuple[list[dict], list[dict], dict, dict[str, str]]:
                          **{f"label_{x}": v[i] for x, v in unimodal.items()}})
     columns = {**SOURCE_COLUMNS, **{f"label_{x}": "float64" for x in UNIMODAL if rows and f"label_{x}" in rows[0]}}
     report = _report(path, file_sha256(path), layout, splits, counts, data.preset)
+    report["id_style"] = style
+    if style == VIDEO_START_END:
+        report["notes"].append(f"ids: {VIDEO_START_END} rows (MulT/CMU MOSEI style); clip ids are <start>-<end>")
+    if layout.name == "mmsa" and splits["train"].aligned():
+        report["notes"].append("aligned: audio and vision on text's token steps (no *_lengths), as many steps as text")
     return rows, rejects, report, columns
 
 

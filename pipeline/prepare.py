@@ -227,6 +227,10 @@ def _candidate(row: dict, raw_dir: Path | None, data: DataParams, seen: dict[str
         sid = segment_id(video_id, clip_id) if (video_id or clip_id) else ""
         return None, {"id": sid, "video_id": video_id, "clip_id": clip_id, "line": line, "path": str(path), "reason": reason}
 
+    if row.get(None):  # csv.DictReader puts the fields beyond the header here
+        header = len(row) - 2  # less None and _line
+        return reject(f"{header + len(row[None])} fields where the header has {header}: an unquoted comma (a decimal "
+                      f"comma such as 3,0, or one in the transcript)? Quote that field")
     if not video_id or not clip_id:
         return reject("missing video_id or clip_id")
     if not (_safe_name(video_id) and _safe_name(clip_id)):

@@ -11,7 +11,6 @@ format as a trained model.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from .dataset import AssembledData
-from .metrics import classification_metrics, regression_metrics
+from .metrics import classification_metrics, regression_metrics, write_json
 from .params import gt, param, section
 
 SELECT_SPLIT = "valid"  # the split the penalty is chosen on; metrics.json records it as `selection`
@@ -98,7 +97,7 @@ def fit_probe(dataset_dir: str | Path, out_dir: str | Path, cfg: ProbeParams, mo
                                          "criterion": "log-loss" if data.task == "classification" else "mae"}})
     out = Path(out_dir)
     (out / "plots").mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out / "metrics.json", result)
     ids, labels = data.index["id"].to_numpy()[rows["test"]], y["test"]
     if data.task == "classification":
         table = {"id": ids, "label": [classes[int(v)] for v in labels], "pred": [classes[int(i)] for i in preds["test"].argmax(1)]}

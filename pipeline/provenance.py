@@ -9,6 +9,8 @@ import json
 import os
 from pathlib import Path
 
+from .metrics import write_json
+
 
 def origin(dataset_dir: str | Path) -> dict:
     """{data: manifest and split hashes} for results made from this dataset."""
@@ -24,5 +26,5 @@ def stamp(metrics_path: str | Path, dataset_dir: str | Path) -> dict:
     path = Path(metrics_path)
     result = json.loads(path.read_text())
     result.update(origin(dataset_dir))
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(path, result)
     return result

@@ -134,6 +134,10 @@ def base_run_dirs(raw: dict, models_dir: str | Path) -> dict[str, list[tuple[int
     names = [m for m in cfg.models if m in trained] + [m for m in trained if m not in cfg.models]
     missing = [m for m in cfg.models if m not in trained]
     if missing:
+        unknown = [m for m in missing if m not in raw]  # every model has its params section (tests/test_contract.py)
+        if unknown:
+            raise UserError(f"evaluate.models: {', '.join(map(repr, unknown))} is not a model (params.yaml has no "
+                            f"section of that name, as each model has); fix the list")
         raise UserError(f"no trained {', '.join(missing)} in {models_dir}: run `dvc repro` (train@<model>)")
     return {m: [(all_seeds[0], Path(models_dir) / m)] +
                ([(s, Path(models_dir) / "seeds" / m / f"seed{s}") for s in all_seeds[1:]] if m in cfg.models else [])

@@ -15,6 +15,12 @@ stays open count in the process's RSS once touched (measured: one pass over a 51
 memmap shows RssFile 524 MB until the map is dropped), so a full pass would show the whole
 array as resident.
 
+Protocol-2 pickles (MulT's, and any written for Python 2) carry array data as text: Python 3
+writes it as `_codecs.encode(<latin-1 text>, 'latin1')`, the text stored as UTF-8 (bytes above
+127 take two), Python 2 as a plain byte string. Neither is read whole either: a Python 2 string
+stays in the file like protocol 3's bytes, and the UTF-8 text is decoded a block at a time into a
+temporary file (in the system temp folder, removed at exit), which the array then reads from.
+
 `dump` is the mirror image: a protocol-4 pickle that standard `pickle.load` (and so MMSA's
 loader) reads, whose arrays may be any object with `shape`, `dtype` and `blocks()` (a
 `FileArray`, a generated array, padded rows streamed from a Parquet table), written block by
@@ -27,11 +33,14 @@ Bottom layer: imports numpy and pipeline.errors.
 from __future__ import annotations
 
 import _compat_pickle
+import atexit
 import builtins
+import codecs
 import io
 import os
 import pickle
 import struct
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +49,7 @@ from .errors import UserError
 
 LAZY_BYTES = 1 << 20  # array payloads at least this large stay in the file (FileArray)
 BLOCK_BYTES = 32 << 20  # rows read or written per block, about this many bytes
+SPILL_BYTES = 1 << 18  # protocol-2 array text decoded this many bytes at a time
 
 
 class UnsafePickle(UserError):
@@ -106,9 +116,29 @@ def row_blocks(array):
 
 @dataclass(frozen=True)
 class _Span:
-    """A byte string left in the file: `length` bytes at `offset`."""
+    """A byte string left in a file: `length` bytes at `offset` of the pickle (path None) or of a spill file."""
     offset: int
     length: int
+    path: str | None = None
+    text: bool = False    # a Python 2 string: latin-1 text where it turns out not to be an array's data
+
+    def read(self, pickle_path: str):
+        with open(self.path or pickle_path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read(self.length)
+        return data.decode("latin1") if self.text else data
+
+
+_SPILLED: list[str] = []  # temp files holding protocol-2 array data, removed at exit
+
+
+@atexit.register
+def _remove_spilled() -> None:
+    while _SPILLED:
+        try:
+            os.unlink(_SPILLED.pop())
+        except OSError:
+            pass
 
 
 class _PendingArray:
@@ -122,10 +152,10 @@ def _reconstruct(subtype, shape, typecode):
 
 
 def _latin1_encode(text, encoding="utf-8"):
-    """`_codecs.encode` as protocol-2 pickles use it for bytes: latin-1 only."""
-    if encoding != "latin1" or not isinstance(text, str):
+    """`_codecs.encode` as protocol-2 pickles use it for bytes: latin-1 only (a spilled span is that already)."""
+    if encoding != "latin1" or not isinstance(text, (str, _Span)):
         raise UnsafePickle(f"_codecs.encode({encoding!r}) is not allowed (latin1 only)")
-    return text.encode("latin1")
+    return text if isinstance(text, _Span) else text.encode("latin1")
 
 
 _SCALAR = np.float32(0).__reduce__()[0]  # numpy's scalar reconstructor, whatever module holds it
@@ -167,9 +197,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
 
     # large byte strings: remember where they are instead of reading them
     def _bytes(self, length: int, mutable: bool = False):
-        frame = self._unframer.current_frame
-        in_frame = frame is not None and frame.tell() < len(frame.getbuffer())
-        if length < LAZY_BYTES or in_frame:
+        if length < LAZY_BYTES or self._in_frame():
             data = self.read(length)
             if len(data) < length:
                 raise UnsafePickle(f"{self._path}: truncated (a byte string runs past the end of the file)")
@@ -179,6 +207,60 @@ class _RestrictedUnpickler(pickle._Unpickler):
             raise UnsafePickle(f"{self._path}: truncated (an array of {length} bytes runs past the end of the file)")
         self._file.seek(length, io.SEEK_CUR)
         return _Span(offset, length)
+
+    def _in_frame(self) -> bool:
+        frame = self._unframer.current_frame
+        return frame is not None and frame.tell() < len(frame.getbuffer())
+
+    def load_binunicode(self):
+        """Text; the large latin-1 text a protocol-2 array's data is (an argument of _codecs.encode) is spilled."""
+        length = struct.unpack("<I", self.read(4))[0]
+        if length >= LAZY_BYTES and not self._in_frame() and self.stack and self.stack[-1] is _latin1_encode:
+            self.append(self._spill(length))
+            return
+        data = self.read(length)
+        if len(data) < length:
+            raise UnsafePickle(f"{self._path}: truncated (a string runs past the end of the file)")
+        self.append(str(data, "utf-8", "surrogatepass"))
+    dispatch[pickle.BINUNICODE[0]] = load_binunicode
+
+    def load_binstring(self):
+        """A Python 2 string: a large one (an array's data) stays in the file."""
+        length = struct.unpack("<i", self.read(4))[0]
+        if length < 0:
+            raise UnsafePickle(f"{self._path}: a string of negative length")
+        if length < LAZY_BYTES or self._in_frame():
+            data = self.read(length)
+            if len(data) < length:
+                raise UnsafePickle(f"{self._path}: truncated (a string runs past the end of the file)")
+            self.append(self._decode_string(data))
+            return
+        offset = self._file.tell()
+        if offset + length > self._size:
+            raise UnsafePickle(f"{self._path}: truncated (an array of {length} bytes runs past the end of the file)")
+        self._file.seek(length, io.SEEK_CUR)
+        self.append(_Span(offset, length, text=True))
+    dispatch[pickle.BINSTRING[0]] = load_binstring
+
+    def _spill(self, length: int) -> _Span:
+        """UTF-8 text of latin-1 characters (protocol-2 array data) -> their bytes in a temp file, a block at a time."""
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        fd, path = tempfile.mkstemp(prefix="msa-pickle-", suffix=".bin")
+        _SPILLED.append(path)
+        written, left = 0, length
+        with os.fdopen(fd, "wb") as out:
+            while left:
+                chunk = self._file.read(min(left, SPILL_BYTES))
+                if not chunk:
+                    raise UnsafePickle(f"{self._path}: truncated (an array's text runs past the end of the file)")
+                left -= len(chunk)
+                try:
+                    data = decoder.decode(chunk, final=not left).encode("latin1")
+                except (UnicodeDecodeError, UnicodeEncodeError):
+                    raise UnsafePickle(f"{self._path}: _codecs.encode of text that is not latin-1") from None
+                out.write(data)
+                written += len(data)
+        return _Span(0, written, path)
 
     def load_binbytes(self):
         self.append(self._bytes(struct.unpack("<I", self.read(4))[0]))
@@ -217,7 +299,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
             if raw.length != expected:
                 raise UnsafePickle(f"{self._path}: array of shape {shape} {dtype} holds {raw.length} bytes, "
                                    f"expected {expected}")
-            return FileArray(self._path, raw.offset, dtype, shape, fortran)
+            return FileArray(raw.path or self._path, raw.offset, dtype, shape, fortran)
         if isinstance(raw, (bytes, bytearray)) and not dtype.hasobject:
             flat = np.frombuffer(raw, dtype, count=int(np.prod(shape, dtype=np.int64)))
             return flat.reshape(shape, order="F" if fortran else "C").copy()
@@ -231,11 +313,22 @@ def load(path: str | os.PathLike):
     path = os.fspath(path)
     try:
         with open(path, "rb") as f:
-            return _RestrictedUnpickler(f, path).load()
+            return _resolve(_RestrictedUnpickler(f, path).load(), path)
     except UnsafePickle:
         raise
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, struct.error, IndexError, KeyError) as err:
         raise UnsafePickle(f"{path}: not a readable feature pickle ({type(err).__name__}: {err})") from None
+
+
+def _resolve(obj, path: str):
+    """A large string left in the file that turned out not to be an array's data: read it after all."""
+    if isinstance(obj, _Span):
+        return obj.read(path)
+    if isinstance(obj, dict):
+        return {k: _resolve(v, path) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_resolve(v, path) for v in obj)
+    return obj
 
 
 # --------------------------------------------------------------------------- writing
@@ -298,6 +391,13 @@ def dump(obj, path: str | os.PathLike) -> None:
     """Write `obj` (dicts, lists, str, numbers, arrays or lazy arrays) as a protocol-4 pickle, atomically."""
     path = os.fspath(path)
     tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        _StreamingPickler(f, protocol=4).dump(obj)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            _StreamingPickler(f, protocol=4).dump(obj)
+        os.replace(tmp, path)
+    except BaseException as err:
+        if os.path.exists(tmp):
+            os.unlink(tmp)  # no half-written pickle left behind (a full disk)
+        if isinstance(err, OSError) and err.errno and err.filename in (None, tmp):
+            raise type(err)(err.errno, err.strerror, path) from None  # name the file meant
+        raise

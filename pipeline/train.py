@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 import os
 import re
@@ -46,8 +45,8 @@ from tqdm import tqdm
 
 from . import interpret, plots, schema
 from .dataset import AssembledData
-from .errors import ParamError
-from .metrics import classification_metrics, regression_metrics, score_classes
+from .errors import ParamError, UserError
+from .metrics import classification_metrics, regression_metrics, score_classes, write_json
 from .models import MODELS, build_model, modalities_read
 from .models.blocks import ClassScore, class_centers, sentiment_class, task_loss
 from .params import DEVICE, Check, as_dict, between, fail, ge, gt, param, parse, section
@@ -170,9 +169,21 @@ def _select_score(task: str, pred: np.ndarray, labels: np.ndarray) -> float:
 
 
 def _save_atomic(obj, path: Path) -> None:
+    """torch.save through a temp file renamed into place; on failure (a full disk) the temp file goes and the
+    error names `path` (torch's zip writer reports a failed write as its own RuntimeError: the OSError inside)."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        cause = err
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__context__
+        if cause is not None and cause.errno and cause.filename in (None, str(tmp)):
+            raise type(cause)(cause.errno, cause.strerror, str(path)) from None
+        raise
 
 
 def _lr_lambda(total_steps: int, warmup: float):
@@ -407,7 +418,8 @@ def setup(name: str, data_dir: str | Path, cfg: TrainParams, arch: dict) -> Run:
     wanted = modalities_read(name, cfg.modalities, arch)
     data = AssembledData(data_dir, modalities=wanted)
     if not data.modalities:
-        raise ValueError(f"{name}: none of the modalities {wanted} has features in {data_dir}")
+        raise UserError(f"{name} reads {' and '.join(wanted)}, which {data_dir} holds no features of (it has "
+                        f"{', '.join(data.meta['modalities']) or 'none'}): train another model on this corpus")
     recipe = _for_task(recipe, data.task)
     rows = {s: data.split_rows(s) for s in ("train", "valid", "test")}
     if not all(len(r) for r in rows.values()):
@@ -657,7 +669,7 @@ def write_outputs(run: Run, out_dir: Path, history: list[dict], result: dict, te
     """metrics.json, the PNG plots and test_predictions.csv (ids, labels and predictions, by name for classes)."""
     import pandas as pd
 
-    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out_dir / "metrics.json", result)
     plot_dir = out_dir / "plots"
     plots.loss_curves(history, plot_dir / "loss.png", f"{run.name}: training")
     rows = run.rows["test"]

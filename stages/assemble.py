@@ -4,7 +4,9 @@
 
 Reads the manifest and features/<m>.parquet for every registered modality that has one (a
 transcript-only corpus has empty visual/acoustic tables), and params `assemble`; writes the
-dataset folder (float16 model inputs, train-split normalisation statistics, meta.json).
+dataset folder (float16 model inputs, train-split normalisation statistics, meta.json). Segments
+whose features hold NaN/inf are rejected with their reason (or stop it: `non_finite: stop`); an
+empty split or constant train labels stop it with one line.
 """
 import argparse
 import json
@@ -28,7 +30,14 @@ def main(manifest: str, features: str, out: str) -> int:
               f"({info['missing']} missing), mean length {info['mean_len']:.1f}{extras}")
     for m, why in meta["skipped"].items():
         print(f"assemble: {m:8s} skipped: {why}")
-    print("assemble: splits " + json.dumps(meta["splits"]))
+    rejected = meta["rejected"]
+    for item in rejected[:5]:
+        print(f"assemble: rejected {item['id']}: {item['reason']}")
+    if len(rejected) > 5:
+        print(f"assemble: ... {len(rejected) - 5} more rejected (meta.json `rejected` in {out})")
+    for warning in meta["warnings"]:
+        print(f"assemble: warning: {warning}")
+    print("assemble: splits " + json.dumps(meta["splits"]) + (f", {len(rejected)} rejected" if rejected else ""))
     return 0
 
 

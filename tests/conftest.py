@@ -20,8 +20,9 @@ MOSI_TEXT = SHARED_DATA / "mosi-text" / "mosi_text_labels.csv"
 
 
 def make_clip(path: Path, seconds: float = 1.0, fps: int = 10, size=(64, 48), audio: str = "tone",
-              sample_rate: int = 16000) -> Path:
-    """Write a small H.264 (+ AAC) mp4. audio: 'tone' | 'silent' | 'none'."""
+              sample_rate: int = 16000, shade: int = 0, freq: float = 220.0) -> Path:
+    """Write a small H.264 (+ AAC) mp4. audio: 'tone' (at freq Hz) | 'silent' | 'none'; frame i is grey
+    level (i + shade) * 20."""
     path.parent.mkdir(parents=True, exist_ok=True)
     width, height = size
     with av.open(str(path), "w") as out:
@@ -29,12 +30,12 @@ def make_clip(path: Path, seconds: float = 1.0, fps: int = 10, size=(64, 48), au
         video.width, video.height, video.pix_fmt = width, height, "yuv420p"
         sound = out.add_stream("aac", rate=sample_rate, layout="mono") if audio != "none" else None
         for i in range(int(seconds * fps)):
-            img = np.full((height, width, 3), (i * 20) % 255, np.uint8)
+            img = np.full((height, width, 3), ((i + shade) * 20) % 255, np.uint8)
             out.mux(video.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
         out.mux(video.encode())
         if sound is not None:
             t = np.arange(int(seconds * sample_rate)) / sample_rate
-            wave = np.zeros_like(t) if audio == "silent" else 0.3 * np.sin(2 * np.pi * 220 * t)
+            wave = np.zeros_like(t) if audio == "silent" else 0.3 * np.sin(2 * np.pi * freq * t)
             frame = av.AudioFrame.from_ndarray(wave.astype(np.float32)[None], format="fltp", layout="mono")
             frame.sample_rate = sample_rate
             out.mux(sound.encode(frame))

@@ -142,3 +142,64 @@ def test_joblib_parallel_still_works_after_a_local_map():
 
     assert sorted(r for _, r, _, _ in parallel_map(abs, [-1, -2, -3], Compute("local", 2))) == [1, 2, 3]
     assert Parallel(n_jobs=2)(delayed(abs)(-i) for i in range(3)) == [0, 1, 2]
+
+
+def test_n_jobs_is_a_worker_count_or_minus_one():
+    from pipeline.errors import ParamError
+    from pipeline.params import parse
+
+    assert parse(Compute, {"n_jobs": -1}, "compute").n_jobs == (os.cpu_count() or 1)
+    assert parse(Compute, {"n_jobs": 3}, "compute").n_jobs == 3
+    for bad in (-5, -2, 0):
+        with pytest.raises(ParamError, match=rf"compute.n_jobs.*{bad}.*a worker count >= 1, or -1 for all cores"):
+            parse(Compute, {"n_jobs": bad}, "compute")
+
+
+def _state(pid: int) -> str:
+    """A process's state letter ('' when gone; 'Z': dead, waiting to be reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
+def _children(pid: int) -> list[int]:
+    """The loky processes `pid` started: its workers (and loky's resource tracker)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and "loky" in Path(stat.parent, "cmdline").read_bytes().decode(errors="replace"):
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
+def test_local_workers_die_with_the_stage_process():
+    """kill -9 of a stage (the OOM killer, a cancelled job) runs no clean-up: its workers must still go,
+    not idle on for minutes holding their memory."""
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    script = ("import time; from pipeline.compute import Compute, parallel_map; "
+              "list(parallel_map(time.sleep, [120] * 4, Compute('local', 2)))")
+    stage = subprocess.Popen([sys.executable, "-c", script], cwd=REPO)
+    try:
+        deadline, workers = time.time() + 60, []
+        while len(workers) < 3 and time.time() < deadline and stage.poll() is None:  # 2 workers + the tracker
+            time.sleep(0.2)
+            workers = _children(stage.pid)
+        assert len(workers) == 3, f"the workers did not start ({workers})"
+        os.kill(stage.pid, signal.SIGKILL)
+    finally:
+        stage.kill()
+        stage.wait()
+    deadline = time.time() + 10
+    while any(_state(w) not in ("", "Z") for w in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    assert [_state(w) for w in workers if _state(w) not in ("", "Z")] == [], "workers outlived their stage"

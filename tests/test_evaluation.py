@@ -413,3 +413,15 @@ def test_report_says_when_an_ablated_component_never_acted(tmp_path):
     ablated["gce-no-relation"].runs.append(runs.Run("gce-no-relation", 2, tmp_path, {}, None))  # seed 2: it fired
     note = never_acted({"gce": full, **ablated}, spec)
     assert "at seed 0, 1." in note and "seed noise" not in note
+
+
+def test_an_unknown_model_in_evaluate_models_is_named_not_sent_to_dvc_repro(tmp_path):
+    from pipeline import runs
+    from pipeline.errors import UserError
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    params.assign(raw, "evaluate.models=[gce, gcee]")
+    with pytest.raises(UserError) as caught:
+        runs.base_run_dirs(raw, tmp_path)
+    assert "evaluate.models: 'gcee' is not a model (params.yaml has no section of that name" in str(caught.value)
+    assert "dvc repro" not in str(caught.value)

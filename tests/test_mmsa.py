@@ -144,9 +144,8 @@ def test_loading_gives_the_arrays_and_leaves_large_ones_in_the_file(tmp_path, pr
     for split, values in data.items():
         for key, value in values.items():
             got = loaded[split][key]
-            if isinstance(value, np.ndarray) and value.dtype != object and value.nbytes >= safe_pickle.LAZY_BYTES \
-                    and protocol >= 3:  # protocol 2 stores bytes as latin-1 text: read, not mapped
-                assert isinstance(got, safe_pickle.FileArray), (key, type(got))
+            if isinstance(value, np.ndarray) and value.dtype != object and value.nbytes >= safe_pickle.LAZY_BYTES:
+                assert isinstance(got, safe_pickle.FileArray), (key, type(got))  # protocol 2: via a spill file
             assert np.array_equal(np.asarray(got), np.asarray(value), equal_nan=value.dtype.kind == "f") \
                 if isinstance(value, np.ndarray) and value.dtype != object else list(got) == list(value), key
 
@@ -381,3 +380,184 @@ def test_dvc_repro_on_a_pickle_to_metrics(tmp_path):
     shown = _run(["dvc", "metrics", "show"], work, env)
     assert "test.acc3" in shown and "test.acc7" not in shown
     assert "Running stage" not in _run(["dvc", "repro"], work, env)
+
+
+# --------------------------------------------------------------------------- real-world files: ids, widths, layouts
+
+def _mosei_video(rng) -> str:
+    """A YouTube-style id, '_' and '-' included (as CMU-MOSEI's are: 'Xg3_hkS0vOq')."""
+    chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+    return "".join(rng.choice(list(chars), 3)) + "_" + "".join(rng.choice(list(chars + "-"), 7))
+
+
+@pytest.mark.parametrize("style", ["mosei-str", "mosei-bytes", "mosi"])
+def test_mult_ids_in_both_styles_give_the_right_videos(tmp_path, monkeypatch, capsys, style):
+    """MulT/CMU MOSEI rows are [video_id, start, end] (the video id holds '_'); MOSI's first column is
+    '<video>_<clip>'. Either way every row is kept, with its own video, so the leakage guard sees speakers."""
+    rng = np.random.default_rng(1)
+    data = make_pickle("mosei", layout="mult", sizes={"train": 12, "valid": 4, "test": 4})
+    expected = {}
+    for s, split in data.items():
+        n = len(split["labels"])
+        videos = [_mosei_video(rng) for _ in range(n // 4)]
+        rows = []
+        for i in range(n):
+            video, start = videos[i // 4], 10.0 * (i % 4) + 0.25
+            if style == "mosi":
+                rows.append([f"{video}_{i % 4}".encode(), b"0", b"1"])
+                expected[f"{s}[{i}]"] = (video, str(i % 4))
+            else:
+                rows.append([video, f"{start:.2f}", f"{start + 7.5:.2f}"])
+                expected[f"{s}[{i}]"] = (video, f"{start:.2f}-{start + 7.5:.2f}")
+        split["id"] = np.array(rows, dtype="S32" if style != "mosei-str" else "U32")
+    monkeypatch.chdir(project(tmp_path, write(tmp_path / "mult.pkl", data), "data.preset=mosei"))
+    assert run_stages(["prepare"]) == [0]
+    assert pd.read_csv("features/rejects.csv").empty
+    manifest = pd.read_parquet("features/manifest.parquet")
+    got = {f"{s}[{r}]": (v, c) for s, r, v, c in zip(manifest["pickle_split"], manifest["pickle_row"],
+                                                       manifest["video_id"], manifest["clip_id"])}
+    assert got == expected
+    assert ("[video_id, start, end] rows" in capsys.readouterr().out) == (style != "mosi")
+    # a speaker in two splits: the guard sees it (with the ids cut at '_' it saw 'Xg3' everywhere, or nothing)
+    video = expected["train[0]"][0]
+    data["valid"]["id"][0] = [f"{video}_9", "0", "1"] if style == "mosi" else [video, "90.00", "95.00"]
+    write(tmp_path / "mult.pkl", data)
+    assert run_stages(["prepare", "text", "visual", "acoustic", "assemble"])[-1] == 2
+    assert "appears in splits train and valid" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("width", [40, 19])
+def test_a_split_of_another_width_ends_in_one_line(tmp_path, monkeypatch, capsys, width):
+    data = make_pickle("mosi", sizes={"train": 6, "valid": 2, "test": 2})
+    data["valid"]["vision"] = np.zeros((2, 40, width), np.float32)
+    monkeypatch.chdir(project(tmp_path, write(tmp_path / "w.pkl", data)))
+    assert run_stages(["prepare"]) == [2]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith(f"valid/vision is {width} wide but train/vision is 20: every split "
+                                             f"needs the same feature width"), err
+
+
+def _no_text(data: dict) -> None:
+    for split in data.values():
+        split.pop("text")
+        split.pop("text_bert")
+
+
+BROKEN = {  # what is wrong -> (change the pickle's content, the one line prepare ends with)
+    "an empty split": (lambda d: d.update(test={k: v[:0] for k, v in d["test"].items()}), "test has no rows"),
+    "a ragged per-row list": (lambda d: d["train"].update(audio=[np.zeros((3 + i, 5), np.float32) for i in range(6)]),
+                              "train/audio is a list of 6 per-row arrays of differing shapes"),
+    "no labels in a split": (lambda d: d["valid"].pop("regression_labels"), "valid has no regression_labels"),
+    "modalities differ": (lambda d: d["test"].pop("audio"), "train has audio but test has none"),
+}
+
+
+@pytest.mark.parametrize("what", list(BROKEN))
+def test_a_broken_pickle_ends_in_one_line(tmp_path, monkeypatch, capsys, what):
+    data = make_pickle("mosi", sizes={"train": 6, "valid": 2, "test": 2})
+    change, message = BROKEN[what]
+    change(data)
+    monkeypatch.chdir(project(tmp_path, write(tmp_path / "b.pkl", data)))
+    assert run_stages(["prepare"]) == [2]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_a_pickle_without_text_trains_without_it_and_text_only_says_why_not(tmp_path, monkeypatch, capsys):
+    data = make_pickle("mosi", sizes={"train": 12, "valid": 4, "test": 4})
+    _no_text(data)
+    monkeypatch.chdir(project(tmp_path, write(tmp_path / "nt.pkl", data)))
+    assert run_stages() == [0] * 5
+    out = capsys.readouterr().out
+    assert "text: skipped: no media for this stage in 20 segments [the pickle holds no text: 20]" in out
+    assert "assemble: text     skipped: the pickle holds no text" in out
+    assert run_stages(["train@late_fusion", "train@text_only"]) == [0, 2]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "text_only reads text, which features/dataset holds no features of (it has visual, " \
+                               "acoustic)" in err[0], err
+
+
+def mmsa_aligned(n: int, steps: int = 12, rng=None) -> dict:
+    """One split of an aligned MMSA file as its preprocessing lays it out: text is BERT over [CLS] words [SEP];
+    audio and vision are on those token steps, zero under [CLS], [SEP] and the padding; no *_lengths."""
+    rng = rng or np.random.default_rng(0)
+    words = rng.integers(2, steps - 2, n)
+    text, audio, vision = (np.zeros((n, steps, d), np.float32) for d in (768, 5, 20))
+    text_bert = np.zeros((n, 3, steps), np.float32)
+    for i, k in enumerate(words):
+        text[i, :k + 2] = rng.normal(size=(k + 2, 768))
+        text_bert[i, 0, :k + 2], text_bert[i, 1, :k + 2] = rng.integers(1000, 3000, k + 2), 1
+        audio[i, 1:k + 1] = rng.normal(size=(k, 5)) + 1
+        vision[i, 1:k + 1] = rng.normal(size=(k, 20)) + 1
+    labels = rng.uniform(-3, 3, n).round(1).astype(np.float32)
+    return {"id": np.array([f"a{i}{rng.integers(99)}$_${i}" for i in range(n)], dtype=object),
+            "raw_text": np.array(["it was ok"] * n, dtype=object), "text": text, "text_bert": text_bert,
+            "audio": audio, "vision": vision, "regression_labels": labels}
+
+
+def test_an_aligned_mmsa_file_keeps_audio_and_vision_on_the_token_steps(tmp_path, monkeypatch, capsys):
+    rng = np.random.default_rng(0)
+    data = {s: mmsa_aligned(n, rng=rng) for s, n in (("train", 8), ("valid", 3), ("test", 3))}
+    for s, split in data.items():
+        split["id"] = np.array([f"{s}{i}$_${i}" for i in range(len(split["id"]))], dtype=object)
+    monkeypatch.chdir(project(tmp_path, write(tmp_path / "aligned_50.pkl", data)))
+    assert run_stages(["prepare", "text", "visual", "acoustic"]) == [0] * 4
+    assert "aligned: audio and vision on text's token steps" in capsys.readouterr().out
+    manifest = pd.read_parquet("features/manifest.parquet")
+    for stage, key in (("visual", "vision"), ("acoustic", "audio")):
+        table, m = pd.read_parquet(f"features/{stage}.parquet").set_index("id"), schema.get(stage)
+        for sid, s, r in zip(manifest["id"], manifest["pickle_split"], manifest["pickle_row"]):
+            n = int(data[s]["text_bert"][r, 1].sum())  # [CLS] + words + [SEP]
+            got = np.asarray(table.loc[sid, m.sequence]).reshape(-1, data[s][key].shape[2])
+            assert np.array_equal(got, data[s][key][r, :n]), (stage, sid)  # step j is token j's
+    # without lengths and with other steps than text, which steps are real cannot be told: refused
+    data["train"]["vision"] = np.zeros((8, 30, 20), np.float32)
+    write(tmp_path / "aligned_50.pkl", data)
+    assert run_stages(["prepare"]) == [2]
+    assert "train has no vision_lengths, and its vision has 30 steps where text has 12" in capsys.readouterr().err
+
+
+class _Py2Pickler(pickle._Pickler):
+    """Writes byte strings as Python 2 did (BINSTRING), as a feature pickle made under Python 2 holds them."""
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_bytes(self, obj):
+        import struct
+
+        self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+        self.memoize(obj)
+    dispatch[bytes] = save_bytes
+
+
+@pytest.mark.parametrize("writer", ["python3 protocol 2", "python2"])
+def test_a_protocol_2_pickle_is_not_read_whole(tmp_path, writer):
+    import tracemalloc
+
+    big = np.random.default_rng(0).normal(size=(64, 100, 300)).astype(np.float32)  # 7.7 MB, GloVe-like
+    data = {"train": {"text": big, "labels": np.zeros((64, 1, 1), np.float32), "id": np.array([[b"v_1"]] * 64)}}
+    path = tmp_path / "p2.pkl"
+    with open(path, "wb") as f:
+        (_Py2Pickler(f, protocol=2) if writer == "python2" else pickle.Pickler(f, protocol=2)).dump(data)
+    with open(path, "rb") as f:
+        assert np.array_equal(pickle.load(f, encoding="latin1")["train"]["text"], big)  # a valid pickle
+    tracemalloc.start()
+    loaded = safe_pickle.load(path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert isinstance(loaded["train"]["text"], safe_pickle.FileArray)
+    assert peak < big.nbytes / 4, f"peak {peak / 1e6:.1f} MB loading {big.nbytes / 1e6:.1f} MB of array"
+    assert np.array_equal(np.asarray(loaded["train"]["text"]), big)
+    assert np.array_equal(loaded["train"]["id"], data["train"]["id"])
+
+
+def test_a_failed_dump_leaves_no_temp_file(tmp_path):
+    class Failing:  # an array whose rows cannot all be produced (a full disk mid-export does the same)
+        shape, dtype = (4, 1024), np.dtype(np.float32)
+
+        def blocks(self):
+            yield np.zeros((2, 1024), np.float32)
+            raise OSError(28, "No space left on device")
+    with pytest.raises(OSError, match="No space left") as caught:
+        safe_pickle.dump({"train": {"text": Failing()}}, tmp_path / "out.pkl")
+    assert caught.value.filename == str(tmp_path / "out.pkl")
+    assert list(tmp_path.iterdir()) == []

@@ -308,3 +308,17 @@ def test_utf16_without_a_byte_order_mark_is_named(tmp_path):
     write_labels(tmp_path, [row()], encoding="utf-16-le")
     with pytest.raises(PrepareError, match="UTF-16 or UTF-32 without a byte-order mark"):
         build_manifest({"root": str(tmp_path)}, progress=False)
+
+
+def test_a_row_with_more_fields_than_the_header_is_named_as_such(tmp_path):
+    """An unquoted decimal comma (3,0) makes one field too many: that is the reason, not the split it shifted."""
+    root = tmp_path / "corpus"
+    root.mkdir()
+    (root / "label.csv").write_text("video_id,clip_id,text,label,mode\n"
+                                    "v1,1,it was good,3.0,train\n"
+                                    "v1,2,it was great,3,0,train\n")
+    manifest, rejects = build_manifest({"root": str(root)}, progress=False)
+    assert list(manifest["clip_id"]) == ["1"]
+    (reason,) = rejects["reason"]
+    assert reason.startswith("6 fields where the header has 5: an unquoted comma (a decimal comma such as 3,0")
+    assert rejects["line"].tolist() == [3]

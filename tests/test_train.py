@@ -350,3 +350,99 @@ def test_gce_records_when_its_components_acted_before_the_selected_epoch(dataset
     assert acted["graders"]["steps"] == acted["contrastive"]["steps"] == steps
     headline = json.loads((tmp_path / "m" / "interpret.json").read_text())
     assert headline["relation_steps_to_selection"] == acted["relation"]["steps"]
+
+
+# --------------------------------------------------------------------------- nothing non-finite, nothing undefined
+
+def _poison(root, modality: str, rows: list[int], value=np.nan) -> None:
+    """Write `value` into the sequences of the given manifest rows of a feature table."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = root / f"{modality}.parquet"
+    table = pq.read_table(path)
+    manifest = pd.read_parquet(root / "manifest.parquet")
+    targets = set(manifest["id"].iloc[rows])
+    seq = table.column("emb" if modality == "visual" else "feats").to_pylist()
+    for i, id_ in enumerate(table.column("id").to_pylist()):
+        if id_ in targets:
+            seq[i][len(seq[i]) // 2] = value
+    name = "emb" if modality == "visual" else "feats"
+    table = table.set_column(table.column_names.index(name), name, pa.array(seq, pa.list_(pa.float32())))
+    pq.write_table(table, path)
+
+
+def test_segments_with_non_finite_features_are_rejected_with_their_reason(tmp_path, capsys, monkeypatch):
+    from pipeline import schema
+    from pipeline.errors import guarded
+    from stages.assemble import main as assemble_main
+
+    root = write_fake_features(tmp_path / "features", n=40)
+    manifest = pd.read_parquet(root / "manifest.parquet")
+    _poison(root, "acoustic", [0, 1, 35])                     # two train clips, one test clip
+    _poison(root, "visual", [36], np.inf)
+    assert schema.get("acoustic").sequence == "feats" and schema.get("visual").sequence == "emb"
+    bad = set(manifest["id"].iloc[[0, 1, 35, 36]])
+    meta = assemble(root / "manifest.parquet", {m: root / f"{m}.parquet" for m in MODS}, tmp_path / "dataset")
+    assert {r["id"]: r["reason"] for r in meta["rejected"]} == {
+        **{i: "acoustic features hold 1 NaN/inf values" for i in bad - {manifest["id"].iloc[36]}},
+        manifest["id"].iloc[36]: "visual features hold 1 NaN/inf values"}
+    data = AssembledData(tmp_path / "dataset")
+    assert set(data.index["id"]) == set(manifest["id"]) - bad and meta["segments"] == 36
+    assert all(np.isfinite(v).all() for v in data.norm.values())                 # statistics without them
+    for m in MODS:
+        assert np.isfinite(np.asarray(data.seqs[m].values, np.float32)).all()
+    # or the stage stops, in one line naming them
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"assemble": {"non_finite": "stop"}}))
+    monkeypatch.chdir(tmp_path)
+    assert guarded("assemble", assemble_main, str(root / "manifest.parquet"), str(root), str(tmp_path / "d2")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("assemble: 4 segment(s) have non-finite features (") and \
+        all(i in err[0] for i in bad), err
+
+
+@pytest.mark.parametrize("case", ["constant train labels", "an empty valid split"])
+def test_assemble_stops_in_one_line_on_data_with_nothing_to_learn_or_select_on(tmp_path, case):
+    from pipeline.errors import UserError
+
+    root = write_fake_features(tmp_path / "features", n=40)
+    manifest = pd.read_parquet(root / "manifest.parquet")
+    if case == "constant train labels":
+        manifest.loc[manifest["split"] == "train", "label"] = 0.1 + 0.2  # std 1e-17, not 0
+        match = r"every train label is 0.3: nothing to learn"
+    else:
+        manifest = manifest[manifest["split"] != "valid"]
+        match = r"the valid split has no segments \(train/valid/test: 20/0/10\)"
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    meta = pq.read_schema(root / "manifest.parquet").metadata
+    pq.write_table(pa.Table.from_pandas(manifest, preserve_index=False).replace_schema_metadata(meta),
+                   root / "manifest.parquet")
+    with pytest.raises(UserError, match=match):
+        assemble(root / "manifest.parquet", {m: root / f"{m}.parquet" for m in MODS}, tmp_path / "dataset")
+    assert not (tmp_path / "dataset").exists() and not (tmp_path / "dataset.tmp").exists()
+
+
+def test_corr_of_labels_constant_up_to_rounding_is_null_with_one_warning(capsys, monkeypatch):
+    from pipeline import metrics
+
+    monkeypatch.setattr(metrics, "_warned", set())  # once per process: earlier tests may have warned already
+    labels = np.array([0.1 + 0.2] * 5 + [0.3] * 5)  # equal as numbers, not as floats: std 5e-17
+    assert np.std(labels) > 0
+    assert regression_metrics(np.linspace(-1, 1, 10), labels)["corr"] is None
+    assert regression_metrics(np.full(10, 0.5) + 1e-9 * np.arange(10), np.linspace(-1, 1, 10))["corr"] is None
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["warning: corr is null: the labels are constant", "warning: corr is null: the predictions are constant"]
+    assert regression_metrics(np.linspace(-1, 1, 10) ** 3, np.linspace(-1, 1, 10))["corr"] > 0.9
+
+
+def test_metrics_files_are_strict_json_with_null_for_nan(tmp_path):
+    from pipeline.metrics import write_json
+
+    result = {"test": regression_metrics([np.nan, 0.1, 0.2], [0.0, 0.5, 1.0]), "valid": {"mae": float("inf")},
+              "best_epoch": 3}
+    write_json(tmp_path / "metrics.json", result)
+    text = (tmp_path / "metrics.json").read_text()
+    loaded = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in metrics.json"))
+    assert loaded["test"]["mae"] is None and loaded["valid"]["mae"] is None and loaded["best_epoch"] == 3
+    assert "NaN" not in text and "Infinity" not in text and list(tmp_path.iterdir()) == [tmp_path / "metrics.json"]

@@ -1,6 +1,6 @@
 """Fault injection: what the feature stages survive. tests/test_faults.py runs a few of each fault
 on tiny encoders; this command runs more, on the demo corpus and the real encoders, and prints the
-figures of the README's "Faults: what survives what":
+figures of docs/faults.md:
 
     python -m tools.faults --corpus raw/demo --clips 12 --points 10 --seed 0
 
@@ -13,15 +13,23 @@ reference run on an empty cache:
                written), N drawn at random from the events of the reference run; then the stage is run
                again. The disk only changes at these events, so every state a kill at any moment can
                leave is one of those sampled;
-  damaged      cache entries damaged in each way of DAMAGE, one entry each, then the stage run again:
-               each must be listed under `repaired`;
+  damaged      cache entries damaged in each way of DAMAGE (a swap damages two), as many per run as
+               the good entries allow, then the stage run again: each damaged entry, and nothing
+               else, must be listed under `repaired`;
   ENOSPC       os.fsync raises "No space left on device" from its N-th call on: the stage must stop
-               with one line (exit 2) and leave no temp file; then a normal run;
+               with one line (exit 2) and leave no temp file; then a normal run. (Real short writes:
+               `run_on_small_disk`, a tmpfs of a few kB, which tests/test_faults.py uses);
   dead worker  acoustic on a 2-worker Dask LocalCluster whose worker process is killed in the middle
                of two clips.
 
 "Identical" means: the same table (ids and every value), the same failures with the same reasons,
 every segment a row or a failure, and nothing left behind (temp files, locks, attempt folders).
+
+The reference itself is checked against a yardstick that does not come from the stage: for a few
+segments, features computed straight from the extractor (the stage's own per-clip functions, no
+cache, no runner: `extracted_directly`), and where a known-good run's checksums were stored
+(`known_good`; tests/data/faults_known_good.json for the test corpus), those. A deterministic bug in
+the stage (a row holding another clip's entry) therefore fails every scenario, not none.
 """
 from __future__ import annotations
 
@@ -68,6 +76,120 @@ def run_stage_in(project: Path, stage: str) -> tuple[int, str, str]:
     return rc, out.getvalue(), err.getvalue()
 
 
+# --------------------------------------------------------------------------- the yardstick
+
+EXACT = {"text": ("n_tokens", "token_ids", "truncated"), "visual": ("n_frames", "timestamps", "face_found"),
+         "acoustic": ("n_frames",)}                       # columns equal on every machine (no float arithmetic)
+VALUES = {"text": "hidden", "visual": "emb", "acoustic": "feats"}  # the features proper (float, machine rounding)
+
+
+def extracted_directly(project: Path, stage: str, ids: list[str]) -> dict[str, dict[str, np.ndarray]]:
+    """id -> the columns of its row, computed straight from the stage's extractor for that one segment: its
+    per-clip functions and encoder, no cache, no runner, no claims, no batching with other segments."""
+    import pandas as pd
+    import torch
+    import yaml
+
+    from pipeline import params
+    from pipeline.encoders import load_image_encoder, load_text_encoder, resolve_image_encoder, resolve_text_encoder
+    from pipeline.features import acoustic, text, visual
+    from pipeline.media import read_audio
+
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    cfg = params.read(raw, params.SECTIONS[f"features.{stage}"])
+    rows = pd.read_parquet(project / "features" / "manifest.parquet").set_index("id").loc[ids]
+    out, cpu = {}, torch.device("cpu")
+    if stage == "text":
+        tokenizer, model = load_text_encoder(resolve_text_encoder(cfg.encoder), cpu)
+        for id_, row in rows.iterrows():
+            (tokens,), (full,) = text.tokenize(tokenizer, [row["text"]], cfg.max_length, cfg.lowercase)
+            states = text.encode(model, torch.tensor([tokens]), torch.ones(1, len(tokens), dtype=torch.long),
+                                 cfg.layers, cpu)[0].numpy()
+            out[id_] = {"n_tokens": len(tokens), "token_ids": np.asarray(tokens), "truncated": full > cfg.max_length,
+                        "hidden": states.astype(cfg.dtype)}
+    elif stage == "visual":
+        encoder = load_image_encoder(resolve_image_encoder(cfg.encoder, cfg.pretrained), cpu)
+        for id_, row in rows.iterrows():
+            clip = visual.decode_clip({"kind": row["media"], "settings": visual.settings_from(cfg),
+                                       "path": row["image_path"] if row["media"] == "image" else row["video_path"],
+                                       "duration": float(row["duration"]), "threads": 0, "image_size": encoder.image_size})
+            with torch.inference_mode():
+                emb = encoder(torch.from_numpy(clip["pixels"])).cpu().numpy()
+            out[id_] = {"n_frames": len(emb), "timestamps": clip["timestamps"], "face_found": clip["face_found"],
+                        "emb": emb.astype(cfg.dtype)}
+    else:
+        settings = acoustic.settings_from(cfg)
+        for id_, row in rows.iterrows():
+            feats = acoustic.acoustic_features(read_audio(row["audio_path"] or row["video_path"], cfg.sample_rate), settings)
+            out[id_] = {"n_frames": len(feats), "feats": feats}
+    return out
+
+
+def _row(table, id_: str) -> dict[str, np.ndarray] | None:
+    """One row of a feature table as numpy arrays (sequences flat), or None when the id has no row."""
+    ids = table.column("id").to_pylist()
+    if id_ not in ids:
+        return None
+    i = ids.index(id_)
+    return {name: np.asarray(table.column(name)[i].as_py()) for name in table.column_names if name != "id"}
+
+
+def exact_checksum(row: dict, stage: str) -> str:
+    """sha256 of a row's EXACT columns: stored from a known-good run, compared on any machine."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in EXACT[stage]:
+        value = np.asarray(row[name])
+        value = value.astype(np.float64) if value.dtype.kind == "f" else value.astype(np.int64)
+        h.update(f"{name}:{value.ravel().tolist()}|".encode())
+    return h.hexdigest()
+
+
+def known_good(table, stage: str) -> dict[str, dict]:
+    """What to store of a run checked good: per row its exact checksum and its features' mean and spread."""
+    out = {}
+    for id_ in table.column("id").to_pylist():
+        row = _row(table, id_)
+        values = row[VALUES[stage]].astype(np.float64).ravel()
+        out[id_] = {"exact": exact_checksum(row, stage), "mean": float(values.mean()), "std": float(values.std()),
+                    "head": [round(float(v), 6) for v in values[:8]]}
+    return out
+
+
+def yardstick_problems(table, stage: str, truth: dict | None, known: dict | None) -> list[str]:
+    """Where the table's rows differ from the segments' features extracted directly, or from the stored run."""
+    problems = []
+    for id_, want in (truth or {}).items():
+        got = _row(table, id_)
+        if got is None:
+            problems.append(f"{id_}: no row")
+            continue
+        for name, value in want.items():
+            value, have = np.asarray(value), got[name].reshape(np.shape(value)) if got[name].size == np.size(value) else None
+            if name == VALUES[stage]:
+                scale = float(np.abs(value).max(initial=0.0)) or 1.0
+                same = have is not None and np.allclose(have.astype(np.float64), value.astype(np.float64), rtol=0,
+                                                        atol=2e-2 * scale)
+            else:
+                same = have is not None and np.array_equal(have, value)
+            if not same:
+                problems.append(f"{id_}: {name} differs from the extractor's own result")
+    for id_, want in (known or {}).items():
+        got = _row(table, id_)
+        if got is None:
+            problems.append(f"{id_}: no row (the known-good run has one)")
+            continue
+        values = got[VALUES[stage]].astype(np.float64).ravel()
+        scale = max(1.0, float(np.abs(values).max(initial=0.0)))
+        if exact_checksum(got, stage) != want["exact"]:
+            problems.append(f"{id_}: {', '.join(EXACT[stage])} differ from the known-good run")
+        elif not (np.allclose([values.mean(), values.std()], [want["mean"], want["std"]], rtol=1e-3, atol=1e-3 * scale)
+                  and np.allclose(values[:8], want["head"], rtol=0, atol=2e-2 * scale)):
+            problems.append(f"{id_}: {VALUES[stage]} values differ from the known-good run")
+    return problems
+
+
 def outcome(project: Path, stage: str) -> dict:
     """What a run leaves that must not depend on faults: the table's data, failures and notes (with reasons)."""
     import pyarrow.parquet as pq
@@ -83,15 +205,17 @@ def outcome(project: Path, stage: str) -> dict:
 
 
 def differences(got: dict, want: dict, manifest_ids: list[str]) -> list[str]:
-    """Why `got` is not the reference outcome `want` (empty when it is)."""
+    """Why `got` is not the reference outcome `want` (empty when it is): the table, failures and notes as the
+    reference's, and the rows as the yardstick (want["truth"], want["known"], where given) says."""
     if got["table"] is None:
         return ["no table written"]
-    problems = [] if got["table"].equals(want["table"]) else ["table differs"]
-    problems += [f"{k} differ: {got[k]} vs {want[k]}" for k in ("failures", "notes") if got[k] != want[k]]
+    problems = [] if want["table"] is None or got["table"].equals(want["table"]) else ["table differs"]
+    problems += [f"{k} differ: {got[k]} vs {want[k]}" for k in ("failures", "notes") if k in want and got[k] != want[k]]
     rows, listed = got["table"].column("id").to_pylist(), [i for i, _ in got["failures"]]
     if sorted(rows + listed) != sorted(manifest_ids):
         problems.append("segments neither a row nor a failure, or both")
-    return problems
+    stage = got["report"]["stage"]
+    return problems + yardstick_problems(got["table"], stage, want.get("truth"), want.get("known"))
 
 
 def leftovers(project: Path) -> list[str]:
@@ -173,34 +297,52 @@ def run_killed(project: Path, stage: str, kill_at: int) -> int:
     return child.exitcode
 
 
-def _concurrent_child(project: str, stage: str, barrier) -> None:
-    from pipeline.cache import FeatureCache
+def _concurrent_child(project: str, stage: str, first: bool, first_put, second_claimed) -> None:
+    """One of two stages on one cache. The first writes one entry, then waits (holding its claims) until the
+    second has claimed a clip; the second starts once the first has written that entry. So the second always
+    starts while the first is extracting, whatever the machine's speed."""
+    from pipeline.cache import Claims, FeatureCache
 
-    real, puts = FeatureCache.put, [0]
+    real_put, real_take, puts, claims = FeatureCache.put, Claims.take, [], []
 
-    def counted(self, *args, **kwargs):
-        puts[0] += 1
-        return real(self, *args, **kwargs)
-    FeatureCache.put = counted
-    barrier.wait()
+    def put(self, *args, **kwargs):
+        result = real_put(self, *args, **kwargs)
+        puts.append(time.time())
+        if first and len(puts) == 1:
+            first_put.set()
+            second_claimed.wait(30)  # in vain when the first holds every clip: then the second finds none
+        return result
+
+    def take(self, key):
+        won = real_take(self, key)
+        if won:
+            claims.append(time.time())
+            if not first:
+                second_claimed.set()
+        return won
+    FeatureCache.put, Claims.take = put, take
+    if not first:
+        first_put.wait(120)
     rc = run_stage_in(Path(project), stage)[0]
-    (Path(project) / "puts").write_text(str(puts[0]))
+    (Path(project) / "concurrent.json").write_text(json.dumps({"puts": puts, "claims": claims}))
     os._exit(rc)
 
 
-def run_concurrently(projects: list[Path], stage: str) -> list[int]:
-    """The stage in one child process per project, released together -> cache entries each one wrote."""
+def run_concurrently(projects: list[Path], stage: str) -> list[dict[str, list[float]]]:
+    """The stage in two child processes on one cache, the second started while the first extracts -> for each,
+    when (time.time()) it wrote each of its cache entries ("puts") and took each of its claims ("claims")."""
     ctx = _forkserver()
-    barrier = ctx.Barrier(len(projects))
+    first_put, second_claimed = ctx.Event(), ctx.Event()
     target = importlib.import_module("tools.faults")._concurrent_child
-    children = [ctx.Process(target=target, args=(str(p), stage, barrier)) for p in projects]
+    children = [ctx.Process(target=target, args=(str(p), stage, i == 0, first_put, second_claimed))
+                for i, p in enumerate(projects)]
     for child in children:
         child.start()
     for child in children:
         child.join()
     if any(child.exitcode for child in children):
         raise RuntimeError(f"{stage}: exit codes {[child.exitcode for child in children]}")
-    return [int((p / "puts").read_text()) for p in projects]
+    return [json.loads((p / "concurrent.json").read_text()) for p in projects]
 
 
 def kill_points(total_events: int, n: int, rng: random.Random) -> list[int]:
@@ -260,28 +402,59 @@ def _bump(arrays: dict) -> None:
     arrays[name] = arrays[name] + 1
 
 
-DAMAGE = {  # kind -> damage(entry path, stage)
-    "truncated (zip index lost)": lambda p, s: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),
-    "zero-length file": lambda p, s: p.write_bytes(b""),
-    "64 bytes flipped (zip index intact)": lambda p, s: _flip(p),
-    "metadata not JSON": lambda p, s: _garble_meta(p),
-    "no checksum (hand-made entry)": lambda p, s: _rewrite(p, lambda a, m: m.pop("sha256")),
-    "values changed, CRCs valid": lambda p, s: _rewrite(p, lambda a, m: _bump(a)),
-    "10-wide sequence, valid checksum": _wrong_width,
+def _swap(path: Path, other: Path) -> None:
+    """Two valid entries trade places (a bad sync, a restore from the wrong backup)."""
+    tmp = path.with_name(path.name + ".swap")
+    os.replace(path, tmp)
+    os.replace(other, path)
+    os.replace(tmp, other)
+
+
+def _no_key(path: Path) -> None:
+    """An entry as an older version of the cache wrote it: a valid checksum of its arrays, no key recorded."""
+    from pipeline.cache import checksum
+
+    def change(arrays, meta):
+        meta.pop("key", None)
+        meta.pop("content", None)
+        meta["sha256"] = checksum(arrays)
+    _rewrite(path, change)
+
+
+# kind -> (damage(entry path, stage, a spare good entry's path), whether the spare is damaged too)
+DAMAGE = {
+    "truncated (zip index lost)": (lambda p, s, o: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), False),
+    "zero-length file": (lambda p, s, o: p.write_bytes(b""), False),
+    "64 bytes flipped (zip index intact)": (lambda p, s, o: _flip(p), False),
+    "metadata not JSON": (lambda p, s, o: _garble_meta(p), False),
+    "no checksum (hand-made entry)": (lambda p, s, o: _rewrite(p, lambda a, m: m.pop("sha256")), False),
+    "values changed, CRCs valid": (lambda p, s, o: _rewrite(p, lambda a, m: _bump(a)), False),
+    "10-wide sequence, valid checksum": (lambda p, s, o: _wrong_width(p, s), False),
+    "swapped with another clip's valid entry": (lambda p, s, o: _swap(p, o), True),
+    "another clip's valid entry copied over it": (lambda p, s, o: p.write_bytes(o.read_bytes()), False),
+    "older entry: valid checksum, no key": (lambda p, s, o: _no_key(p), False),
 }
 
 
-def damage_entries(project: Path, stage: str) -> dict[str, str]:
-    """Damage one good cache entry per kind of DAMAGE -> {entry key: kind}."""
+def damage_entries(project: Path, stage: str, kinds: list[str]) -> dict[str, str]:
+    """Damage one good cache entry per kind (two for a swap; a copy's source is another good entry, left
+    whole) -> {entry key: kind}. Fewer kinds are applied when the stage has too few good entries: the
+    caller runs the rest in another round."""
     from pipeline.cache import FeatureCache
 
-    keys = good_keys(project, stage)
-    if len(keys) < len(DAMAGE):
-        raise ValueError(f"{stage}: {len(keys)} good entries, {len(DAMAGE)} kinds of damage to apply")
-    cache = FeatureCache(project / "cache", stage)
-    for key, damage in zip(keys, DAMAGE.values()):
-        damage(cache.path(key), stage)
-    return dict(zip(keys, DAMAGE))
+    keys, cache, damaged = good_keys(project, stage), FeatureCache(project / "cache", stage), {}
+    spare_source = keys.pop() if keys else None  # whole: what a copy copies
+    for kind in kinds:
+        damage, pair = DAMAGE[kind]
+        if len(keys) < 1 + pair:
+            break
+        key = keys.pop(0)
+        partner = keys.pop(0) if pair else spare_source
+        damage(cache.path(key), stage, cache.path(partner))
+        damaged[key] = kind
+        if pair:
+            damaged[partner] = kind
+    return damaged
 
 
 # --------------------------------------------------------------------------- a full disk, a dead worker
@@ -301,6 +474,55 @@ def disk_full_from(n: int):
         yield calls
     finally:
         os.fsync = real
+
+
+SMALL_DISK = r"""m=$1; size=$2; shift 2
+mount -t tmpfs -o "size=$size" tmpfs "$m" || exit 97
+"$@"; rc=$?
+find "$m" \( -name '*.tmp' -o -name '*.lock' \) -printf 'left behind: %P\n'
+exit $rc"""
+
+
+def can_mount_small_disk() -> bool:
+    """Whether a tmpfs can be mounted in a private mount namespace here (root, or user namespaces allowed)."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("unshare"):
+        return False
+    with tempfile.TemporaryDirectory() as folder:
+        probe = subprocess.run(["unshare", "-rm", "sh", "-c", SMALL_DISK, "sh", folder, "4k", "true"],
+                               capture_output=True)
+    return probe.returncode == 0
+
+
+def run_on_small_disk(argv: list[str], folder: Path, size_kb: int, cwd: Path, env: dict | None = None):
+    """Run argv (a stage, in a subprocess) where writing fills up -> (exit code, stdout, stderr, files left behind).
+
+    Where a filesystem can be mounted: a tmpfs of size_kb on `folder`, in a private mount namespace (nobody
+    else sees it; it goes when the command ends), so writes there really end in ENOSPC, after a short write.
+    Elsewhere: the command runs with a file size limit of size_kb (RLIMIT_FSIZE), so any file growing past it
+    fails mid-write (EFBIG, a real short write too; the limit holds in the worker processes it starts).
+    "Files left behind" are the temp and lock files under `folder` once the command ended."""
+    import resource
+    import subprocess
+
+    env = {**os.environ, **(env or {})}
+    folder.mkdir(parents=True, exist_ok=True)
+    if can_mount_small_disk():
+        done = subprocess.run(["unshare", "-rm", "sh", "-c", SMALL_DISK, "sh", str(folder), f"{size_kb}k", *argv],
+                              cwd=cwd, env=env, capture_output=True, text=True)
+        lines = done.stdout.splitlines()
+        left = [line.split(": ", 1)[1] for line in lines if line.startswith("left behind: ")]
+        stdout = "\n".join(line for line in lines if not line.startswith("left behind: "))
+        return done.returncode, stdout, done.stderr, left
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size_kb * 1024, resource.RLIM_INFINITY))
+    done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, preexec_fn=limit)
+    left = [str(p.relative_to(folder)) for p in [*folder.rglob("*.tmp"), *folder.rglob("*.lock")]]
+    return done.returncode, done.stdout, done.stderr, left
 
 
 DIE_ENV = "MSA_FAULT_DIE"  # "<flag folder>|key,key": units whose worker dies on their first attempt
@@ -343,7 +565,7 @@ def good_keys(project: Path, stage: str) -> list[str]:
     from pipeline.cache import FeatureCache
 
     cache = FeatureCache(project / "cache", stage)
-    return sorted(p.stem for p in cache.dir.glob("*/*.npz") if cache.meta(p.stem).get("ok"))
+    return sorted(p.stem for p in cache.dir.glob("??/*.npz") if cache.meta(p.stem).get("ok"))  # not .damaged/
 
 
 # --------------------------------------------------------------------------- the scenarios
@@ -378,13 +600,26 @@ def fresh(project: Path, folder: Path) -> Path:
     return folder
 
 
-def reference(project: Path, stage: str) -> tuple[dict, DiskEvents]:
-    """An uninterrupted run on an empty cache -> (its outcome, its disk events counted)."""
+def reference(project: Path, stage: str, known: dict | None = None, few: int = 3) -> tuple[dict, DiskEvents]:
+    """An uninterrupted run on an empty cache -> (its outcome, its disk events counted). The outcome carries the
+    yardstick every later run is held to as well: `few` of its rows extracted directly ("truth") and the
+    known-good checksums given (`check_reference` holds the reference itself to it)."""
     with DiskEvents(project) as events:
         rc, out, err = run_stage_in(project, stage)
     if rc != 0:
         raise RuntimeError(f"reference {stage} run failed: {err.strip()}")
-    return outcome(project, stage), events
+    want = outcome(project, stage)
+    ids = want["table"].column("id").to_pylist()
+    picked = [ids[i] for i in sorted({0, len(ids) // 2, len(ids) - 1})][:few] if ids else []
+    want.update(truth=extracted_directly(project, stage, picked), known=known)
+    return want, events
+
+
+def check_reference(want: dict, stage: str, ids: list[str], tally: Tally) -> None:
+    """The uninterrupted run itself against the yardstick: a bug that every run shares shows here."""
+    problems = differences(want, {**want, "table": None}, ids)
+    what = "the extractor's own results" + (", the known-good run's checksums" if want.get("known") else "")
+    tally.add(stage, f"uninterrupted run vs {what} ({len(want['truth'])} segments)", problems)
 
 
 def try_kills(project: Path, stage: str, want: dict, points: list[int], ids: list[str], tally: Tally) -> None:
@@ -401,16 +636,29 @@ def try_kills(project: Path, stage: str, want: dict, points: list[int], ids: lis
         tally.add(stage, "kill -9 at a random disk event, then re-run", problems)
 
 
-def try_damage(project: Path, stage: str, want: dict, ids: list[str], tally: Tally) -> None:
-    """One entry per kind of DAMAGE (on the reference's cache), then a run: identical, each listed as repaired."""
-    damaged = damage_entries(project, stage)
-    rc, _, err = run_stage_in(project, stage)
-    got = outcome(project, stage)
-    repaired = {r["key"] for r in got["report"]["repaired"]} if got["table"] is not None else set()
-    for key, kind in damaged.items():
-        problems = [f"exit {rc} {err.strip()}"] if rc else []
-        problems += differences(got, want, ids) + ([] if key in repaired else ["not listed as repaired"])
-        tally.add(stage, f"damaged entry: {kind}", problems)
+def try_damage(project: Path, stage: str, want: dict, ids: list[str], tally: Tally) -> list[tuple[str, str]]:
+    """Entries damaged in each way of DAMAGE (on a finished run's cache), a round of runs as the good entries
+    allow: each run identical to the reference, every damaged entry listed as repaired and nothing else.
+    Returns (key, kind) of every entry damaged."""
+    left, everything = list(DAMAGE), []
+    while left:
+        damaged = damage_entries(project, stage, left)
+        if not damaged:
+            raise ValueError(f"{stage}: too few good cache entries for the damage kinds {left}")
+        everything += damaged.items()
+        left = [kind for kind in left if kind not in damaged.values()]
+        rc, _, err = run_stage_in(project, stage)
+        got = outcome(project, stage)
+        repaired = {r["key"] for r in got["report"]["repaired"]} if got["table"] is not None else set()
+        unexpected = sorted(repaired - set(damaged))
+        for kind in dict.fromkeys(damaged.values()):
+            keys = [key for key, k in damaged.items() if k == kind]
+            problems = [f"exit {rc} {err.strip()}"] if rc else []
+            problems += differences(got, want, ids)
+            problems += [f"{key[:12]} not listed as repaired" for key in keys if key not in repaired]
+            problems += [f"repaired entries that were not damaged: {unexpected}"] if unexpected else []
+            tally.add(stage, f"damaged entry: {kind}", problems)
+    return everything
 
 
 def try_disk_full(project: Path, stage: str, want: dict, ids: list[str], points: list[int], tally: Tally) -> None:
@@ -460,6 +708,7 @@ def run_all(project: Path, stages, kills: int, disk_full: int, seed: int, dask: 
     for stage in stages:
         t0 = time.perf_counter()
         want, events = reference(project, stage)
+        check_reference(want, stage, ids, tally)
         points, writes = kill_points(events.count, kills, rng), full_disk_points(events.fsyncs, disk_full, rng)
         print(f"faults: {stage}: kill -9 after disk events {points} of {events.count}; ENOSPC from writes {writes} "
               f"of {events.fsyncs}", flush=True)

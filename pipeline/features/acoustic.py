@@ -34,7 +34,7 @@ from ..compute import Compute, parallel_map
 from ..errors import UserError
 from ..media import MediaError, read_audio
 from ..params import as_dict, between, fail, ge, gt, one_of, param, section
-from .runner import Extracted, Plan, progress, row_str, run_stage
+from .runner import Extracted, Plan, row_str, run_stage, stage_bar
 
 VERSION = 2  # 2: extractor choice (librosa | egemaps | compare)
 PARALLEL = True  # clips run on `compute` (params section compute)
@@ -215,7 +215,8 @@ def extract_clip(unit: dict) -> dict:
 
     with threadpool_limits(1):  # one BLAS thread everywhere: the same sums in the same order on every backend
         feats = acoustic_features(y, s)
-    FeatureCache(unit["cache_root"], "acoustic").put(unit["key"], {"n_frames": np.int32(len(feats)), "feats": feats})
+    FeatureCache(unit["cache_root"], "acoustic").put(unit["key"], {"n_frames": np.int32(len(feats)), "feats": feats},
+                                                     content=unit["content"])
     return {"frames": len(feats), "media_s": len(y) / s["sample_rate"],
             "decode_s": t1 - t0, "features_s": time.perf_counter() - t1}
 
@@ -247,7 +248,8 @@ def plan_rows(manifest, settings: dict, cache_root) -> Plan:
             continue
         key = make_key(*prefix, digest)
         plan.keys.append(key)
-        plan.units.setdefault(key, {"key": key, "path": path, "settings": settings, "cache_root": str(cache_root)})
+        plan.units.setdefault(key, {"key": key, "path": path, "settings": settings, "cache_root": str(cache_root),
+                                    "content": digest})
     return plan
 
 
@@ -258,18 +260,19 @@ def run(manifest, cfg: AcousticParams, cache_root, out_path, *, compute: Compute
     compute = compute or Compute(n_jobs=1)
     cache = FeatureCache(cache_root, "acoustic")
     plan = plan_rows(manifest, settings, cache_root)
+    plan.claim_min = max(plan.claim_min, 2 * compute.workers)  # claim enough to keep every worker busy
 
     def extract(todo: dict) -> Extracted:
         units = list(todo.values())
         out = Extracted()
         decode_s = features_s = 0.0
-        bar = progress(total=len(units), desc=f"acoustic ({settings['extractor']})", enabled=show_progress)
+        bar = stage_bar()
         for i, result, error, bad_input in parallel_map(extract_clip, units, compute):
             bar.update(1)
             out.clips += 1
             if error is not None:
                 if bad_input:
-                    cache.put_failure(units[i]["key"], error)
+                    cache.put_failure(units[i]["key"], error, content=units[i]["content"])
                 else:
                     out.errors[units[i]["key"]] = error
                 continue
@@ -277,7 +280,6 @@ def run(manifest, cfg: AcousticParams, cache_root, out_path, *, compute: Compute
             out.media_s += result["media_s"]
             decode_s += result["decode_s"]
             features_s += result["features_s"]
-        bar.close()
         out.extra = {"worker_decode_s": round(decode_s, 3), "worker_features_s": round(features_s, 3),
                      "extractor": settings["extractor"], "f0": settings.get("f0"), "workers": compute.workers, "backend": compute.backend}
         return out
@@ -287,4 +289,5 @@ def run(manifest, cfg: AcousticParams, cache_root, out_path, *, compute: Compute
             "params": as_dict(cfg), "frame_rate_hz": 1000.0 / (settings["hop_ms"] * settings["pool"])}
     if not plan.units and len(plan.ids):
         meta["note"] = "no media: nothing to extract"
-    return run_stage("acoustic", plan, cache, extract, COLUMNS, meta, out_path)
+    return run_stage("acoustic", plan, cache, extract, COLUMNS, meta, out_path, show_progress=show_progress,
+                     progress_desc=f"acoustic ({settings['extractor']})")

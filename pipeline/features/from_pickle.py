@@ -73,12 +73,12 @@ def write_table(stage: str, manifest: pd.DataFrame, manifest_meta: dict, cfg, ou
     ok = len(manifest) - len(failures)
 
     def batches():
-        for s, mine in by_split.items():
+        for s, mine in by_split.items() if present else []:  # a modality the pickle lacks: no rows
             rows, ids = mine["pickle_row"].to_numpy(np.int64), mine["id"].tolist()
             split = splits[s]
             array, lengths = split.array(stage), split.lengths(stage)
             tokens = split.values.get("text_bert") if m.token_ids else None
-            for a, b in block_slices(rows, array) if present else []:
+            for a, b in block_slices(rows, array):
                 block = clean(read_rows(array, rows[a:b]), lengths[rows[a:b]], layout.pad_front)["block"]
                 token_block = read_rows(tokens, rows[a:b]) if tokens is not None else None
                 keep = [j for j in range(b - a) if lengths[rows[a + j]] > 0]

@@ -3,10 +3,11 @@
   1. plan     each manifest row -> a cache key (content hash + encoder + the params
               that change the result), or a reason it has nothing to extract (no
               media of this stage's kind: `skipped`);
-  2. extract  the keys without a cache entry, each distinct key once, each claimed
-              first (cache.Claims: a concurrent stage on the same cache extracts the
-              others and this one waits for them); every result, or its bad-input
-              failure, goes into the cache as soon as it is done;
+  2. extract  the keys without a cache entry, each distinct key once, claimed a few
+              at a time (cache.Claims; `claim_size`), so that a concurrent stage on the
+              same cache shares what is left, and this one waits for the clips the
+              other holds; every result, or its bad-input failure, goes into the cache
+              as soon as it is done;
   3. check    pass 1, entries' metadata only: the recorded shapes must fit the
               stage's columns and width;
   4. write    pass 2: the Parquet is streamed from the cache in manifest order, a row
@@ -23,9 +24,11 @@ neither ends the stage with an error, never with a silently missing row.
 """
 from __future__ import annotations
 
+import contextvars
+import math
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -34,13 +37,14 @@ import numpy as np
 import pyarrow as pa
 
 from ..cache import Claims, DamagedEntry, FeatureCache, sweep_temp_files
-from ..compute import retry_log
+from ..compute import close_dask, retry_log
 from ..errors import UserError
-from ..progress import progress  # noqa: F401 - the stages' progress bars come from here
+from ..progress import progress
 from .table import list_array, write_feature_batches
 
 MAX_ROUNDS = 3   # extract -> check -> write, again while damaged entries turn up
 POLL_S = 1.0     # how often a stage looks at clips another process is extracting
+CLAIM_MIN, CLAIM_MAX = 4, 32   # clips claimed at a time (claim_size), unless the stage needs more in flight
 
 
 @dataclass
@@ -49,6 +53,27 @@ class Plan:
     keys: list[str | None]                                    # cache key per row; None: see skipped
     skipped: dict[int, str] = field(default_factory=dict)     # row -> why there is nothing to extract
     units: dict[str, Any] = field(default_factory=dict)       # key -> work unit (one per distinct key)
+    # the keys in the groups they are best extracted in (text: its encoder batches), called only when
+    # something is to be extracted; None: one key at a time, in units order
+    groups: Callable[[], list[list[str]]] | None = None
+    claim_size: int | None = None                             # keys claimed at a time (None: claim_size())
+    claim_min: int = CLAIM_MIN                                # claim at least this many (workers' window)
+
+
+_BAR: contextvars.ContextVar = contextvars.ContextVar("stage_bar", default=None)
+
+
+def stage_bar():
+    """The progress bar run_stage keeps over every clip the stage extracts (the stages' extract steps update
+    it), or a silent one outside run_stage."""
+    return _BAR.get() or progress(0, "", enabled=False)
+
+
+def claim_size(remaining: int, at_least: int = CLAIM_MIN) -> int:
+    """Keys claimed at a time out of those remaining: an eighth of them (a second stage started on the same
+    cache now still finds work), at least `at_least` (the workers' window: keep them busy), at most CLAIM_MAX
+    (fewer, longer rounds would not leave a concurrent stage its share)."""
+    return max(at_least, min(CLAIM_MAX, math.ceil(remaining / 8)))
 
 
 @dataclass
@@ -61,10 +86,18 @@ class Extracted:
     extra: dict = field(default_factory=dict)                 # stage-specific timing
 
     def add(self, other: Extracted) -> None:
+        """Add another extract step's report (a stage extracts a few claimed clips at a time): counts and
+        timings ("..._s") add up, other extras are the latest."""
         self.errors.update(other.errors)
         self.clips, self.frames, self.media_s = self.clips + other.clips, self.frames + other.frames, \
             self.media_s + other.media_s
-        self.extra = {**self.extra, **other.extra}
+        summed = {k: round(self.extra[k] + v, 3) for k, v in other.extra.items()
+                  if k.endswith("_s") and isinstance(v, (int, float)) and isinstance(self.extra.get(k), (int, float))}
+        self.extra = {**self.extra, **other.extra, **summed}
+
+
+# extras that are rates: frames (or tokens) per second of one step, from the summed timings
+RATES = {"encoder_frames_per_s": "encode_s", "tokens_per_s_model": "model_s"}
 
 
 # column name -> (arrow value type, shape of the cached array): () is a scalar column; a tuple of
@@ -83,11 +116,13 @@ class DamagedEntries(Exception):
 
 
 def run_stage(stage: str, plan: Plan, cache: FeatureCache, extract: Callable[[dict], Extracted],
-              columns: Columns, meta: dict, out_path, *, dim_column: str | None = None) -> dict:
+              columns: Columns, meta: dict, out_path, *, dim_column: str | None = None,
+              show_progress: bool = False, progress_desc: str = "", progress_unit: str = "clip") -> dict:
     """Extract what the cache lacks, check, write out_path (+ .json). Returns the report.
 
     `meta` may leave "dim" None when only extraction knows it (no encoder is loaded when
     everything is cached); it is then the width of `dim_column` that the entries record.
+    With show_progress, one bar (`stage_bar`) runs over every clip extracted.
     """
     t0 = time.perf_counter()
     out_path = Path(out_path)
@@ -97,36 +132,55 @@ def run_stage(stage: str, plan: Plan, cache: FeatureCache, extract: Callable[[di
     arrow_schema = pa.schema([("id", pa.string())] + [
         (name, pa.list_(dtype) if shape else dtype) for name, (dtype, shape) in columns.items()])
     with retry_log(cache.dir / ".attempts") as retries, Claims(cache) as claims:  # markers in the cache: Dask workers share it
-        for _ in range(MAX_ROUNDS):
-            t1 = time.perf_counter()
-            todo = {key: unit for key, unit in plan.units.items() if not cache.has(key)}
-            _extract_claimed(todo, extract, cache, claims, done, extracted)
-            extract_s += time.perf_counter() - t1
-            rows, bad = _check(plan, cache, columns, meta, dim_column, done)
-            if not bad:
-                report = _report(stage, plan, meta, rows, extracted, repaired, retries, done, extract_s, t0)
+        try:
+            for _ in range(MAX_ROUNDS):
+                t1 = time.perf_counter()
+                todo = {key: unit for key, unit in plan.units.items() if not cache.has(key)}
+                bar = progress(len(todo), progress_desc or stage, enabled=show_progress and bool(todo), unit=progress_unit)
+                token = _BAR.set(bar)
                 try:
-                    write_feature_batches(out_path, arrow_schema, _record_batches(cache, rows, columns, arrow_schema),
-                                          report)
-                    return report
-                except DamagedEntries as err:
-                    bad = err.entries
-            for key, reason in bad.items():
-                repaired[key] = f"{reason}; moved to {cache.move_aside(key).parent}, extracted again"
+                    _extract_claimed(plan, todo, extract, cache, claims, done, extracted)
+                finally:
+                    _BAR.reset(token)
+                    bar.close()
+                extract_s += time.perf_counter() - t1
+                rows, bad = _check(plan, cache, columns, meta, dim_column, done)
+                if not bad:
+                    report = _report(stage, plan, meta, rows, extracted, repaired, retries, done, extract_s, t0)
+                    try:
+                        write_feature_batches(out_path, arrow_schema, _record_batches(cache, rows, columns, arrow_schema),
+                                              report)
+                        return report
+                    except DamagedEntries as err:
+                        bad = err.entries
+                for key, reason in bad.items():
+                    repaired[key] = f"{reason}; moved to {cache.move_aside(key).parent}, extracted again"
+        finally:
+            close_dask()  # the LocalCluster (or client) kept across this stage's maps
     raise UserError(f"{stage}: cache entries under {cache.dir} still fail their checks after {MAX_ROUNDS} "
                     f"rounds of re-extraction (a failing disk?): {next(iter(bad.values()))}")
 
 
-def _extract_claimed(todo: dict, extract: Callable[[dict], Extracted], cache: FeatureCache, claims: Claims,
-                     done: Extracted, extracted: set) -> None:
-    """Extract the clips of `todo` this process can claim, then wait for those another process claimed,
-    taking over any whose holder ends without a result or dies."""
-    waiting, told = list(todo), False
-    while waiting:
+def _extract_claimed(plan: Plan, todo: dict, extract: Callable[[dict], Extracted], cache: FeatureCache,
+                     claims: Claims, done: Extracted, extracted: set) -> None:
+    """Extract the clips of `todo`, claiming them a group at a time (about claim_size keys), so that concurrent
+    stages on one cache share what is left; then wait for the clips another process claimed, taking over any
+    whose holder ends without a result or dies."""
+    if not todo:
+        return
+    groups = plan.groups() if plan.groups else [[key] for key in plan.units]
+    queue = deque(g for g in ([k for k in group if k in todo] for group in groups) if g)
+    elsewhere, told = [], False  # keys another process held when this one tried them
+    while queue or elsewhere:
+        size = plan.claim_size or claim_size(sum(map(len, queue)) + len(elsewhere), plan.claim_min)
         mine = {}
-        for key in waiting:
-            if claims.take(key):
-                if cache.has(key):  # its holder finished it just now
+        while queue and len(mine) < size:
+            for key in queue.popleft():
+                if cache.has(key):
+                    continue
+                if not claims.take(key):
+                    elsewhere.append(key)
+                elif cache.has(key):  # its holder finished it just now
                     claims.release([key])
                 else:
                     mine[key] = todo[key]
@@ -136,13 +190,16 @@ def _extract_claimed(todo: dict, extract: Callable[[dict], Extracted], cache: Fe
             finally:
                 claims.release(mine)
             extracted.update(mine)
-        waiting = [key for key in waiting if key not in mine and not cache.has(key)]
-        if waiting:
+            continue
+        elsewhere = [key for key in elsewhere if not cache.has(key)]
+        if elsewhere:  # nothing left to claim: wait for the others' clips, then try them again
             if not told:
-                print(f"{len(waiting)} clip(s) are being extracted by another process on {cache.dir}: waiting for them",
+                print(f"{len(elsewhere)} clip(s) are being extracted by another process on {cache.dir}: waiting for them",
                       file=sys.stderr, flush=True)
                 told = True
             time.sleep(POLL_S)
+            queue.extend([key] for key in elsewhere)
+            elsewhere = []
 
 
 @dataclass
@@ -278,6 +335,8 @@ def _throughput(done: Extracted, seconds: float) -> dict:
         "media_s_per_s": round(done.media_s / seconds, 3),
         "clips": done.clips, "frames": done.frames, "media_s": round(done.media_s, 3),
         **done.extra,
+        **{rate: round(done.frames / done.extra[step], 2) if done.extra.get(step) else None
+           for rate, step in RATES.items() if step in done.extra},
     }
 
 
@@ -300,7 +359,7 @@ def stage_main(stage: str, module, argv: list[str] | None = None) -> int:
     from .. import params
     from ..cache import DISK_FULL, CacheParams
     from ..compute import Compute
-    from ..errors import guarded, require
+    from ..errors import guarded, os_error_line, require
     from .from_pickle import pickle_stage
 
     cli = argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=module.__doc__.split("\n\n")[0])
@@ -321,10 +380,15 @@ def stage_main(stage: str, module, argv: list[str] | None = None) -> int:
         try:
             meta = run(manifest, cfg, cache_root, args.out, compute=compute, show_progress=True)
         except OSError as err:
-            if err.errno not in DISK_FULL:
+            line = os_error_line(err)
+            if line is None:
                 raise
-            raise UserError(f"{err.strerror} ({err.filename or cache_root}): free some space and re-run; the clips "
-                            f"already extracted are kept in the cache") from None
+            if err.errno in DISK_FULL:
+                line += "; the clips already extracted are kept in the cache"
+            elif Path(err.filename or "").absolute().is_relative_to(Path(cache_root).absolute()):
+                line += (f" (a cache shared by a group: `chgrp -R GROUP {cache_root} && chmod -R g+rwX {cache_root} && "
+                         f"find {cache_root} -type d -exec chmod g+s {{}} +`, see docs/faults.md)")
+            raise UserError(line) from None
         _print_summary(stage, meta, args.out)
         return 0
 

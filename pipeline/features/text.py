@@ -23,7 +23,7 @@ import pyarrow as pa
 from ..cache import FeatureCache, make_key, text_sha256
 from ..encoders import autocast, load_text_encoder, pick_device, resolve_text_encoder, text_config
 from ..params import DEVICE, as_dict, ge, one_of, param, section
-from .runner import Extracted, Plan, progress, row_str, run_stage
+from .runner import Extracted, Plan, row_str, run_stage, stage_bar
 
 VERSION = 1  # bump when the extraction itself changes: it is part of every cache key
 
@@ -66,12 +66,15 @@ def run(manifest, cfg: TextParams, cache_root, out_path, *, compute=None, show_p
         plan.units.setdefault(key, (text, float(dur)))
 
     cache = FeatureCache(cache_root, "text")
+    batches = Batches(plan.units, spec, device, settings, cfg.batch_size)
+    plan.groups, plan.claim_size = batches.groups, cfg.batch_size  # claimed a batch at a time
 
     def extract(todo: dict) -> Extracted:
-        return _extract(plan.units, todo, spec, device, settings, cfg.batch_size, cache, show_progress)
+        return _extract(batches, todo, settings, cache)
 
     meta = {"encoder": spec.as_meta(), "dim": _dim(spec), "params": as_dict(cfg), "device": str(device)}
-    return run_stage("text", plan, cache, extract, columns(settings["dtype"]), meta, out_path)
+    return run_stage("text", plan, cache, extract, columns(settings["dtype"]), meta, out_path,
+                     show_progress=show_progress, progress_unit="seg")
 
 
 def _dim(spec) -> int:
@@ -88,22 +91,44 @@ def tokenize(tokenizer, texts: list[str], max_length: int, lowercase: bool) -> t
     return cut, [len(ids) for ids in full]
 
 
-def _extract(units: dict, todo: dict, spec, device, settings: dict, batch_size: int, cache: FeatureCache,
-             show: bool) -> Extracted:
-    """Encode the segments of `todo` (keys of `units`, the whole plan) in the batches the whole plan forms."""
+class Batches:
+    """The encoder, and every transcript of the plan tokenized and cut into batches of similar length, made once
+    on first use (nothing loads when every segment is cached). The batches are formed over the whole plan, so a
+    segment is encoded beside the same companions whatever else is missing: CPU results vary with a batch's
+    shape in the last bits, and a resumed or shared run must store what an uninterrupted one does."""
+
+    def __init__(self, units: dict, spec, device, settings: dict, batch_size: int):
+        self.units, self.spec, self.device, self.settings, self.batch_size = units, spec, device, settings, batch_size
+        self.keys: list[str] = []
+
+    def prepare(self) -> None:
+        if self.keys:
+            return
+        t_load = time.perf_counter()
+        self.tokenizer, self.model = load_text_encoder(self.spec, self.device)
+        self.load_s = time.perf_counter() - t_load
+        self.keys = list(self.units)
+        self.ids, self.full_lengths = tokenize(self.tokenizer, [self.units[k][0] for k in self.keys],
+                                               self.settings["max_length"], self.settings["lowercase"])
+        order = np.argsort([len(x) for x in self.ids], kind="stable")  # similar lengths share a batch
+        self.batches = [order[start:start + self.batch_size] for start in range(0, len(self.keys), self.batch_size)]
+
+    def groups(self) -> list[list[str]]:
+        """The keys of each batch, in batch order (the runner claims them a batch at a time)."""
+        self.prepare()
+        return [[self.keys[i] for i in batch] for batch in self.batches]
+
+
+def _extract(b: Batches, todo: dict, settings: dict, cache: FeatureCache) -> Extracted:
+    """Encode the segments of `todo` in the batches the whole plan forms (see Batches)."""
     import torch
 
-    t_load = time.perf_counter()
-    tokenizer, model = load_text_encoder(spec, device)
-    load_s = time.perf_counter() - t_load
-    keys = list(units)
-    ids, full_lengths = tokenize(tokenizer, [units[k][0] for k in keys], settings["max_length"], settings["lowercase"])
-    order = np.argsort([len(x) for x in ids], kind="stable")  # similar lengths share a batch
-    batches = [order[start:start + batch_size] for start in range(0, len(keys), batch_size)]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    b.prepare()
+    keys, ids, full_lengths = b.keys, b.ids, b.full_lengths
+    pad_id = b.tokenizer.pad_token_id if b.tokenizer.pad_token_id is not None else 0
     out, n_tokens, t_model = Extracted(), 0, 0.0
-    bar = progress(total=len(todo), desc="text", enabled=show, unit="seg")
-    for batch in batches:
+    bar = stage_bar()
+    for batch in b.batches:
         wanted = [i for i in batch if keys[i] in todo]
         if not wanted:
             continue
@@ -115,7 +140,7 @@ def _extract(units: dict, todo: dict, spec, device, settings: dict, batch_size: 
             mask[row, :lengths[row]] = 1
         t = time.perf_counter()
         try:
-            states = encode(model, input_ids.to(device), mask.to(device), settings["layers"], device)
+            states = encode(b.model, input_ids.to(b.device), mask.to(b.device), settings["layers"], b.device)
         except RuntimeError as err:  # e.g. out of memory: these segments fail this run, retried next run
             for i in wanted:
                 out.errors[keys[i]] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
@@ -129,19 +154,19 @@ def _extract(units: dict, todo: dict, spec, device, settings: dict, batch_size: 
             n = lengths[row]
             h = states[row, :n]
             truncated = full_lengths[i] > settings["max_length"]
+            text = b.units[keys[i]][0]
             note = f"transcript of {full_lengths[i]} tokens truncated to max_length {settings['max_length']}" \
-                if truncated else ("empty transcript" if not units[keys[i]][0].strip() else "")
+                if truncated else ("empty transcript" if not text.strip() else "")
             cache.put(keys[i], {
                 "n_tokens": np.int32(n), "token_ids": np.asarray(ids[i], np.int32),
                 "hidden": h.astype(settings["dtype"]), "pooled_mean": h.mean(axis=0).astype(np.float32), "truncated": np.bool_(truncated),
-            }, note=note)
-            out.media_s += units[keys[i]][1]
+            }, content=text_sha256(text), note=note)
+            out.media_s += b.units[keys[i]][1]
         n_tokens += int(sum(lengths))
         bar.update(len(wanted))
-    bar.close()
     out.clips, out.frames = len(todo), n_tokens
-    out.extra = {"tokens_per_s_model": round(n_tokens / t_model, 1) if t_model else None,
-                 "model_s": round(t_model, 3), "load_s": round(load_s, 3)}
+    out.extra = {"model_s": round(t_model, 3), "load_s": round(b.load_s, 3)}
+    b.load_s = 0.0  # counted once
     return out
 
 

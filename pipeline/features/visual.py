@@ -30,7 +30,7 @@ from ..encoders import load_image_encoder, pick_device, resolve_image_encoder
 from ..media import iter_video_frames, read_image
 from ..params import DEVICE, as_dict, between, ge, gt, one_of, param, section
 from .faces import DETECTORS, detect_face
-from .runner import Extracted, Plan, progress, row_str, run_stage
+from .runner import Extracted, Plan, row_str, run_stage, stage_bar
 
 VERSION = 1
 PARALLEL = True  # clips run on `compute` (params section compute)
@@ -209,7 +209,8 @@ def plan_rows(manifest, prefix: tuple, settings: dict, threads: int) -> Plan:
         key = make_key(*prefix, digest)
         plan.keys.append(key)
         plan.units.setdefault(key, {"key": key, "kind": media, "path": path, "settings": settings,
-                                    "duration": float(row.get("duration") or 0.0), "threads": threads})
+                                    "duration": float(row.get("duration") or 0.0), "threads": threads,
+                                    "content": digest})
     return plan
 
 
@@ -227,40 +228,46 @@ def run(manifest, cfg: VisualParams, cache_root, out_path, *, compute: Compute |
     # FFmpeg threads per decode: all cores when decoding inline, one per worker when the workers fill the cores
     threads = 0 if compute.workers <= 1 else max(1, (os.cpu_count() or 1) // compute.workers)
     plan = plan_rows(manifest, prefix, settings, threads)
+    plan.claim_min = max(plan.claim_min, 2 * compute.workers)  # claim enough to keep every worker busy
     meta = {"encoder": spec.as_meta() if spec else {"id": "", "revision": ""}, "dim": None, "params": as_dict(cfg),
             "device": str(device)}
 
+    loaded = {}
+
     def extract(todo: dict) -> Extracted:
-        encoder = load_image_encoder(spec, device)  # weights load only when something is missing
+        if not loaded:  # weights load only when something is missing, once for all claimed groups
+            loaded["encoder"] = load_image_encoder(spec, device)
+        encoder = loaded["encoder"]
         meta.update(dim=encoder.dim, image_size=encoder.image_size)
-        return _extract(todo, encoder, cache, settings, cfg.batch_size, compute, show_progress)
+        return _extract(todo, encoder, cache, settings, cfg.batch_size, compute)
 
     if not has_media:
         meta.update(dim=0, note="no media: nothing to extract")
-    return run_stage("visual", plan, cache, extract, columns(settings["dtype"]), meta, out_path, dim_column="emb")
+    return run_stage("visual", plan, cache, extract, columns(settings["dtype"]), meta, out_path, dim_column="emb",
+                     show_progress=show_progress)
 
 
-def _extract(todo: dict, encoder, cache: FeatureCache, settings: dict, batch_size: int, compute: Compute,
-             show: bool) -> Extracted:
+def _extract(todo: dict, encoder, cache: FeatureCache, settings: dict, batch_size: int, compute: Compute) -> Extracted:
     units = [{**unit, "image_size": encoder.image_size} for unit in todo.values()]
     batcher = FrameBatcher(encoder, batch_size)
     out = Extracted()
     decode_s = crop_s = 0.0
-    bar = progress(total=len(units), desc="visual", enabled=show)
+    bar = stage_bar()
 
     def finish(done):
         for key, clip in done:
             note = "" if clip["face_found"].any() or not settings["face_crop"] else \
                 "no face found in any frame: full frames encoded"
             cache.put(key, {"n_frames": np.int32(len(clip["emb"])), "timestamps": clip["timestamps"],
-                            "face_found": clip["face_found"], "emb": clip["emb"].astype(settings["dtype"])}, note=note)
+                            "face_found": clip["face_found"], "emb": clip["emb"].astype(settings["dtype"])},
+                      content=todo[key]["content"], note=note)
             bar.update(1)
 
     for i, clip, error, bad_input in parallel_map(decode_clip, units, compute):
         out.clips += 1
         if error is not None:
             if bad_input:
-                cache.put_failure(units[i]["key"], error)
+                cache.put_failure(units[i]["key"], error, content=units[i]["content"])
             else:
                 out.errors[units[i]["key"]] = error
             bar.update(1)
@@ -270,10 +277,8 @@ def _extract(todo: dict, encoder, cache: FeatureCache, settings: dict, batch_siz
         crop_s += clip["crop_s"]
         finish(batcher.add(units[i]["key"], clip))
     finish(batcher.flush())
-    bar.close()
     out.frames = batcher.frames
     out.extra = {"worker_decode_s": round(decode_s, 3), "worker_crop_s": round(crop_s, 3),
                  "encode_s": round(batcher.encode_s, 3),
-                 "encoder_frames_per_s": round(batcher.frames / batcher.encode_s, 2) if batcher.encode_s else None,
                  "workers": compute.workers, "backend": compute.backend, "batch_size": batch_size}
     return out
