@@ -26,7 +26,9 @@ Classification: accuracy, macro_f1, weighted_f1, and the confusion matrix.
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+
+# scikit-learn is imported where a metric needs it: `predict` names scores with this module and
+# should not pay for importing it (~3 s)
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float | None:
@@ -49,6 +51,8 @@ def _checked(pred, true, dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
 
 def regression_metrics(pred, true, family: str = "mosi") -> dict[str, float | None]:
     """The metrics of `family` ("mosi" or "sims", see the module docstring)."""
+    from sklearn.metrics import accuracy_score, f1_score
+
     if family == "sims":
         return sims_metrics(pred, true)
     if family != "mosi":
@@ -82,6 +86,8 @@ def sims_bins(values, classes: int) -> np.ndarray:
 
 
 def sims_metrics(pred, true) -> dict[str, float | None]:
+    from sklearn.metrics import f1_score
+
     pred32, true32 = _checked(pred, true, np.float32)
     clipped_pred = np.clip(pred32, -1, 1).astype(np.float64)
     clipped_true = np.clip(true32, -1, 1).astype(np.float64)
@@ -97,6 +103,8 @@ def sims_metrics(pred, true) -> dict[str, float | None]:
 
 def classification_metrics(logits_or_pred, true, num_classes: int) -> tuple[dict[str, float], np.ndarray]:
     """(metrics, confusion matrix [true, pred]) from logits (N, C) or predicted class ids (N,)."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+
     pred = np.asarray(logits_or_pred)
     if pred.ndim == 2:
         pred = pred.argmax(axis=1)
