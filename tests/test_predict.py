@@ -204,6 +204,23 @@ def test_a_clip_far_from_the_training_data_warns(models, tmp_path, capsys):
         assert far_from_training(data.segment(row), data.input_dims) == [], data.index["id"].iloc[row]
 
 
+def test_far_from_training_thresholds_by_hand():
+    """0.5% of values at the 20-sigma bound, or an RMS of 3 sigma, per modality (predict.py argues both)."""
+    from pipeline.predict import far_from_training
+
+    def segment(at_bound: int, rest: float) -> dict:  # 1000 values: `at_bound` of them at +20, the rest at `rest`
+        values = np.full(1000, rest, np.float16)
+        values[:at_bound] = 20.0
+        return {"visual": values.reshape(100, 10), "text": np.zeros((0, 4), np.float16)}
+
+    assert far_from_training(segment(4, 0.5), ["text", "visual"]) == []            # 0.4%, RMS 1.35
+    warned = far_from_training(segment(6, 0.5), ["text", "visual"])                 # 0.6%, RMS 1.6
+    assert len(warned) == 1 and "visual features far from the training data: 0.6% of values" in warned[0]
+    assert far_from_training(segment(0, 2.9), ["visual"]) == []                     # RMS 2.9
+    warned = far_from_training(segment(0, 3.1), ["visual"])                         # RMS 3.1
+    assert len(warned) == 1 and "RMS 3.1 sigma" in warned[0]
+
+
 # --------------------------------------------------------------------------- --explain
 
 @pytest.mark.parametrize("name", ["gce", "gexsent", "text_only"])
