@@ -79,7 +79,7 @@ def gather(inputs: list[str], text: str | None = None, listing: str | None = Non
     media = VIDEO_EXTS + AUDIO_EXTS + IMAGE_EXTS
     if text is not None and not text.strip():
         raise PredictError("--text is empty: leave --text out to score a clip without its transcript")
-    named, found = [], []
+    paths = []  # in the order given
     for arg in inputs:
         path = Path(arg)
         if path.is_file():
@@ -87,16 +87,15 @@ def gather(inputs: list[str], text: str | None = None, listing: str | None = Non
                 raise PredictError(f"{path} is a CSV: give a list of clips as --list {path}")
             if path.suffix.lower() not in media:
                 raise PredictError(f"{path} is not a media file (expected one of {' '.join(media)})")
-            named.append(path)
+            paths.append(path)
         elif path.is_dir() or glob.has_magic(arg):
             candidates = path.rglob("*") if path.is_dir() else map(Path, glob.glob(arg, recursive=True))
             clips = sorted((p for p in candidates if p.is_file() and p.suffix.lower() in media), key=_natural)
             if not clips:
                 raise PredictError(f"no media files ({' '.join(media)}) {'in' if path.is_dir() else 'match'} {arg}")
-            found += clips
+            paths += clips
         else:
             raise PredictError(f"clip not found: {arg}")
-    paths = named + found
     if text is not None and (len(paths) > 1 or listing):
         raise PredictError("--text is the transcript of one clip: give many clips theirs in the text column of "
                            "--list, or as x.txt beside x.mp4")
@@ -136,11 +135,11 @@ def read_list(path: str | Path, media: tuple[str, ...]) -> list[Clip]:
     if not columns & {"path", "text"}:
         raise PredictError(f"{path} needs a `path` and/or a `text` column (it has {', '.join(sorted(columns)) or 'none'})")
     clips = []
-    for line, row in enumerate(rows, 2):
+    for row_number, row in enumerate(rows, 1):
         name, text = (row.get("path") or "").strip(), (row.get("text") or "").strip() or None
-        clip_id = (row.get("id") or "").strip() or (Path(name).stem if name else f"line{line}")
+        clip_id = (row.get("id") or "").strip() or (Path(name).stem if name else f"row{row_number}")
         if not name:
-            clips.append(Clip(clip_id, None, text, "" if text else f"line {line} has neither a clip path nor a transcript"))
+            clips.append(Clip(clip_id, None, text, "" if text else f"row {row_number} has neither a clip path nor a transcript"))
             continue
         clip = path.parent / name
         error = ("" if clip.is_file() and clip.suffix.lower() in media else
@@ -364,7 +363,7 @@ def far_from_training(segment: dict, dims) -> list[str]:
             warnings.append(f"{m} features far from the training data: {clipped:.1%} of values at the "
                             f"{schema.CLIP_SIGMAS:g}-sigma bound (training data: at most "
                             f"{1 / schema.CLIP_SIGMAS ** 2:.2%}), RMS {rms:.1f} sigma (training data: at most 1); "
-                            f"the score extrapolates")
+                            f"the prediction extrapolates")
     return warnings
 
 
@@ -474,7 +473,8 @@ def score_clips(model, ckpt: dict, clips: list[Clip], cache_root=None, explain: 
                 "notes": notes, "warnings": [], "error": c.error} for c, (_, notes) in zip(clips, inputs)]
     scored = [i for i, (segment, _) in enumerate(inputs) if segment is not None]
     segments = [inputs[i][0] for i in scored]
-    pred, extras = predictions(model, ckpt, segments, extras=True)
+    out = predictions(model, ckpt, segments, extras=explain)
+    pred, extras = out if explain else (out, None)
     described = [describe(p, cfg) for p in pred]
     hidden = occlusion(model, ckpt, segments, described) if explain else None
     for k, i in enumerate(scored):
@@ -540,7 +540,8 @@ def legend(cfg: dict) -> list[str]:
 def explain_lines(result: dict) -> list[str]:
     """--explain for one clip: the occlusion first (what moves the score), then the labelled internals
     (`interpret.explain`: a header line, then its items, indented here)."""
-    lines = ["what moves the score (each modality replaced by what the model sees when it is missing):"]
+    what = "score" if "score" in result else "prediction"
+    lines = [f"what moves the {what} (each modality replaced by what the model sees when it is missing):"]
     width = max(map(len, result["occlusion"]))
     for m, o in result["occlusion"].items():
         if o.get("absent"):
