@@ -225,7 +225,8 @@ def explain(name: str, model, extras: dict) -> list[str]:
         lines = ["internals (training-only: the graders and the relation filter do not change the score):"]
         if grader:
             lines.append("graders: " + ", ".join(f"{k} {_show(v[0])}" for k, v in grader.items())
-                         + "  (each branch's own prediction; in training, graded against the label to choose guide pairs)")
+                         + "  (each branch's own prediction; in training, graded against the label to choose guide "
+                           "pairs)")
         w = extras.get("relation_weights")
         if w is not None:
             names = [f"{model.pair_names[g]} -> {model.pair_names[s]}" for g, s in model.ordered_pairs]
@@ -234,7 +235,8 @@ def explain(name: str, model, extras: dict) -> list[str]:
                          + ", ".join(f"{names[q]} {w[0, q]:.2f}" for q in order[1:])
                          + "  (w weighs each guide -> student transfer in the training loss)")
         return lines if len(lines) > 1 else ["GCE on one modality: no pairs, no grading to show"]
-    return ["internals (a property of the trained model, the same for every clip):", "input weight shares: " + ", ".join(f"{m} {v:.2f}" for m, v in model.input_shares().items())
+    return ["internals (a property of the trained model, the same for every clip):",
+            "input weight shares: " + ", ".join(f"{m} {v:.2f}" for m, v in model.input_shares().items())
             + "  (each modality's share of the first layer's weight norm)"]
 
 

@@ -3,7 +3,7 @@
     python -m pipeline.predict CLIP.mp4 --text "what the speaker says" --model models/gce
     python -m pipeline.predict CLIP.mp4 --model models/gexsent               (no transcript: scored from the media)
     python -m pipeline.predict --text "a transcript alone" --model models/text_only
-    python -m pipeline.predict clips/ --model models/gce --out scores.csv     (a folder; clips/x.txt is x.mp4's transcript)
+    python -m pipeline.predict clips/ --model models/gce --out scores.csv     (a folder; x.txt: x.mp4's transcript)
     python -m pipeline.predict "clips/*.mp4" --model models/gce --out scores.csv
     python -m pipeline.predict --list clips.csv --model models/gce --out scores.csv   (columns path, text[, id])
     python -m pipeline.predict CLIP.mp4 --text "..." --model models/gexsent --explain  (what moves the score)
@@ -133,13 +133,15 @@ def read_list(path: str | Path, media: tuple[str, ...]) -> list[Clip]:
     except (UnicodeDecodeError, csv.Error) as err:
         raise PredictError(f"{path} is not a readable UTF-8 CSV ({err})") from None
     if not columns & {"path", "text"}:
-        raise PredictError(f"{path} needs a `path` and/or a `text` column (it has {', '.join(sorted(columns)) or 'none'})")
+        raise PredictError(f"{path} needs a `path` and/or a `text` column "
+                           f"(it has {', '.join(sorted(columns)) or 'none'})")
     clips = []
     for row_number, row in enumerate(rows, 1):
         name, text = (row.get("path") or "").strip(), (row.get("text") or "").strip() or None
         clip_id = (row.get("id") or "").strip() or (Path(name).stem if name else f"row{row_number}")
         if not name:
-            clips.append(Clip(clip_id, None, text, "" if text else f"row {row_number} has neither a clip path nor a transcript"))
+            error = "" if text else f"row {row_number} has neither a clip path nor a transcript"
+            clips.append(Clip(clip_id, None, text, error))
             continue
         clip = path.parent / name
         error = ("" if clip.is_file() and clip.suffix.lower() in media else
@@ -176,7 +178,8 @@ def model_file(model: str | Path) -> Path:
         raise PredictError(f"{path} is not a complete model file (cut short or damaged: {err}): restore it, "
                            f"or train again (`dvc repro`)") from None
     if damaged:
-        raise PredictError(f"{path} is damaged ({damaged} fails its checksum): restore it, or train again (`dvc repro`)")
+        raise PredictError(f"{path} is damaged ({damaged} fails its checksum): restore it, or train again "
+                           f"(`dvc repro`)")
     if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
         raise PredictError(f"{path} is a zip archive but not a saved model (no data.pkl in it)")
     return path
@@ -250,7 +253,8 @@ def _manifest(keyed: list[tuple[str, Clip]], workdir: Path, progress: bool):
     return manifest
 
 
-def clip_inputs(clips: list[Clip], ckpt: dict, cache_root=None, progress: bool = False) -> list[tuple[dict | None, list[str]]]:
+def clip_inputs(clips: list[Clip], ckpt: dict, cache_root=None,
+                progress: bool = False) -> list[tuple[dict | None, list[str]]]:
     """Each clip -> (its model inputs as `schema.to_model_input` makes them, notes); (None, notes) for a
     clip that cannot be scored, whose `error` then says why. Each feature stage runs once for all clips."""
     from . import params, schema
@@ -259,9 +263,10 @@ def clip_inputs(clips: list[Clip], ckpt: dict, cache_root=None, progress: bool =
     cfg, dims = ckpt["config"], ckpt["config"]["input_dims"]
     from_pickle = [m for m in dims if cfg["encoders"][m].get("source") == "pickle"]
     if from_pickle:
-        raise PredictError(f"{cfg['name']} was trained on {', '.join(from_pickle)} features read from a feature pickle "
-                           f"({cfg['encoders'][from_pickle[0]]['name']}), which this pipeline cannot extract from a new clip: "
-                           f"train on features the pipeline extracts (features.text.source: encoder for text)")
+        raise PredictError(f"{cfg['name']} was trained on {', '.join(from_pickle)} features read from a feature "
+                           f"pickle ({cfg['encoders'][from_pickle[0]]['name']}), which this pipeline cannot extract "
+                           f"from a new clip: train on features the pipeline extracts (features.text.source: encoder "
+                           f"for text)")
     norm = {k: v.numpy() for k, v in ckpt["norm"].items()}
     cache_root = cache_root or _cache_root()
     keyed = [(f"c{i:06d}", c) for i, c in enumerate(clips) if not c.error]
@@ -333,7 +338,8 @@ def _checked(clip: Clip, segment: dict | None, missing: dict[str, str], cfg: dic
     present = [m for m in dims if m not in missing]
     notes = []
     if clip.path is None and len(missing):  # a transcript alone: one note, not one per media modality
-        return segment, [f"a transcript alone: scored from {', '.join(present)} ({', '.join(missing)} masked as missing)"]
+        return segment, [f"a transcript alone: scored from {', '.join(present)} "
+                         f"({', '.join(missing)} masked as missing)"]
     for m, reason in missing.items():
         if reason == "no transcript":
             notes.append(f"no transcript: scored from {', '.join(present)} (text masked as missing, as for a "
@@ -487,7 +493,8 @@ def score_clips(model, ckpt: dict, clips: list[Clip], cache_root=None, explain: 
     return results
 
 
-def predict_clips(clips: list[Clip], model_dir, cache_root=None, explain: bool = False, progress: bool = False) -> list[dict]:
+def predict_clips(clips: list[Clip], model_dir, cache_root=None, explain: bool = False,
+                  progress: bool = False) -> list[dict]:
     """Load the model once (model.pt or its folder) and score every clip (`score_clips`)."""
     model, ckpt = load_model(model_file(model_dir))
     return score_clips(model, ckpt, clips, cache_root, explain, progress)
@@ -578,7 +585,10 @@ def write_csv(results: list[dict], out) -> None:
     columns = ["id", "path", "text", "model"]
     scored = [r for r in results if not r["error"]]
     first = scored[0] if scored else {}
-    columns += ["label", *(f"p_{c}" for c in first["probabilities"])] if "probabilities" in first else ["score", "label", "binary"]
+    if "probabilities" in first:
+        columns += ["label", *(f"p_{c}" for c in first["probabilities"])]
+    else:
+        columns += ["score", "label", "binary"]
     columns += ["modalities", "notes", "warnings", "error"]
     for m in first.get("occlusion", {}):
         columns += [f"without_{m}", f"change_{m}"]

@@ -4,8 +4,8 @@ for clips far from the training data, per-modality occlusion, and one-line failu
 The models come from the `demo_models` fixture: gce, gexsent and text_only trained for a few epochs on
 the features of 22 demo clips (the repository's feature params, video sampled at 1 frame per second).
 It only needs `models/<name>/model.pt`, the feature cache that holds those clips, the assembled dataset
-and the demo corpus, so a session that has already run the demo through DVC can provide the same
-fields from it instead (see `DemoModels`).
+and the demo corpus, so a demo already run through DVC (tests/test_pipeline_e2e.py's `project`) can
+provide the same fields instead (see `DemoModels`).
 """
 from __future__ import annotations
 
@@ -52,6 +52,7 @@ def demo_models(tmp_path_factory) -> DemoModels:
 
     from pipeline import params
     from pipeline.dataset import AssembleParams, assemble
+    from pipeline.params import assign
     from pipeline.prepare import DataParams, read
     from pipeline.train import train_model
 
@@ -65,12 +66,13 @@ def demo_models(tmp_path_factory) -> DemoModels:
         writer.writeheader()
         writer.writerows(r for r in rows if int(r["clip_id"]) <= CLIPS_PER_SPEAKER.get(r["video_id"], 0))
     raw = params.load(REPO / "params.yaml")
-    raw["features"]["visual"]["fps"] = 1.0
+    assign(raw, "features.visual.fps=1.0")
     data = dataclasses.replace(params.read(raw, DataParams), root=str(demo), label_file=str(work / "labels.csv"))
     manifest, _, source = read(data)
     table = pa.Table.from_pandas(manifest, preserve_index=False)
     meta = json.dumps({"task": data.task, "classes": None, **source}).encode()
-    pq.write_table(table.replace_schema_metadata({**(table.schema.metadata or {}), b"pipeline": meta}), work / "manifest.parquet")
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"pipeline": meta})
+    pq.write_table(table, work / "manifest.parquet")
     features = {}
     for m in ("text", "visual", "acoustic"):
         module = importlib.import_module(f"pipeline.features.{m}")
@@ -180,8 +182,9 @@ def test_text_only_refuses_a_clip_without_transcript(models, tmp_path, capsys):
     assert len(err) == 1 and "no transcript" in err[0]
     listing = tmp_path / "clips.csv"  # in a list, that clip's row says why; the others are scored
     listing.write_text(f"path,text\n{clip},{text}\n{clip},\n")
-    assert main(["--list", str(listing), "--model", str(models.models / "text_only"), "--out", str(tmp_path / "s.csv")]) == 1
-    rows = list(csv.DictReader(open(tmp_path / "s.csv")))
+    out = tmp_path / "s.csv"
+    assert main(["--list", str(listing), "--model", str(models.models / "text_only"), "--out", str(out)]) == 1
+    rows = list(csv.DictReader(open(out)))
     assert rows[0]["score"] != "" and rows[0]["error"] == ""
     assert rows[1]["score"] == "" and "has no transcript" in rows[1]["error"]
 
@@ -242,7 +245,7 @@ def test_explain_leads_with_occlusion_and_labels_the_internals(models, capsys):
     from pipeline.predict import main
 
     sid, clip, text = models.test_clips()[0]
-    for name, label in (("gce", "internals (training-only: the graders and the relation filter do not change the score)"),
+    for name, label in (("gce", "internals (training-only: the graders and the relation filter do not change the"),
                         ("gexsent", "internals (shares of weight and routing, not effects on the score)")):
         assert main([str(clip), "--text", text, "--model", str(models.models / name), "--explain"]) == 0
         out = capsys.readouterr().out
