@@ -219,22 +219,23 @@ def _check_encoder(m: str, trained: dict, now: dict, model: str) -> None:
             f"{str(trained.get('revision'))[:12]}: restore those weights, or re-run `dvc repro` to retrain")
 
 
-def _manifest(keyed: list[tuple[str, Clip]], workdir: Path, progress: bool):
+def _manifest(keyed: list[tuple[str, Clip]], workdir: Path, progress: bool, with_media: bool = True):
     """A corpus in the MMSA layout around the clips (linked, not copied; one video_id per clip, its key)
-    -> its manifest, segment ids '<key>/1'; a clip `prepare` rejects gets the reason as its error."""
+    -> its manifest, segment ids '<key>/1'; a clip `prepare` rejects gets the reason as its error.
+    Without media (a model that reads the transcript only), the clips are not even probed."""
     import pandas as pd
 
     from .prepare import build_manifest
 
     parts = []
     for kind in ("media", "text"):  # a corpus without Raw/ is transcript-only: transcripts alone get their own
-        chosen = [(key, c) for key, c in keyed if (c.path is not None) == (kind == "media")]
+        chosen = [(key, c) for key, c in keyed if (c.path is not None and with_media) == (kind == "media")]
         if not chosen:
             continue
         corpus = workdir / kind
         corpus.mkdir()
         for key, clip in chosen:
-            if clip.path is not None:
+            if kind == "media":
                 (corpus / "Raw" / key).mkdir(parents=True)
                 os.symlink(clip.path.resolve(), corpus / "Raw" / key / f"1{clip.path.suffix.lower()}")
         with open(corpus / "label.csv", "w", newline="", encoding="utf-8") as f:
@@ -246,7 +247,8 @@ def _manifest(keyed: list[tuple[str, Clip]], workdir: Path, progress: bool):
         reasons = dict(zip(rejects["id"], rejects["reason"]))
         for key, clip in chosen:
             if f"{key}/1" in reasons:
-                clip.error = f"cannot use {clip.path.name if clip.path else 'this transcript'}: {reasons[key + '/1']}"
+                what = clip.path.name if kind == "media" else "this transcript"
+                clip.error = f"cannot use {what}: {reasons[key + '/1']}"
         parts.append(manifest)
     manifest = pd.concat(parts, ignore_index=True)
     manifest.loc[manifest["id"].isin([f"{key}/1" for key, c in keyed if c.text is None]), "text"] = ""
@@ -273,7 +275,8 @@ def clip_inputs(clips: list[Clip], ckpt: dict, cache_root=None,
     segments: dict[str, dict] = {key: {} for key, _ in keyed}
     missing: dict[str, dict[str, str]] = {key: {} for key, _ in keyed}
     with tempfile.TemporaryDirectory() as tmp:
-        manifest = _manifest(keyed, Path(tmp), progress) if keyed else None
+        with_media = not all(schema.get(m).from_transcript for m in dims)
+        manifest = _manifest(keyed, Path(tmp), progress, with_media) if keyed else None
         keyed = [(key, c) for key, c in keyed if not c.error]  # prepare may have rejected some
         for m, dim in dims.items():
             modality = schema.get(m)

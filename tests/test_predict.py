@@ -162,8 +162,11 @@ def test_a_folder_and_a_glob_with_transcripts_beside_the_clips(models, tmp_path,
         (folder / f"clip{k + 8}.mp4").symlink_to(clip)
         if k:
             (folder / f"clip{k + 8}.txt").write_text(text + "\n")
-    assert main([str(folder), "--model", str(models.models / "gexsent")]) == 0
+    (folder / "sub").mkdir()
+    (folder / "sub" / "broken.mp4").write_bytes(b"not a video")  # a row that says why, the others scored
+    assert main([str(folder), "--model", str(models.models / "gexsent")]) == 1
     written = list(csv.DictReader(capsys.readouterr().out.splitlines()))
+    assert written.pop(-1)["error"].startswith("cannot use broken.mp4: unreadable media file")
     assert [r["id"] for r in written] == ["clip8", "clip9", "clip10"]  # in natural order
     assert [r["text"] for r in written] == ["", clips[1][2], clips[2][2]]
     assert [r["modalities"] for r in written] == ["visual acoustic", "text visual acoustic", "text visual acoustic"]
