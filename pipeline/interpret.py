@@ -232,32 +232,49 @@ def _gexsent(model, epochs, extras, labels, ids, classes, family):
 # --------------------------------------------------------------------------- one clip
 
 def explain(name: str, model, extras: dict) -> list[str]:
-    """Lines for `predict --explain`: the modality shares and top experts (GEXSent), the pair graders and
-    the relation filter's most trusted guide (GCE), the input weight shares (baselines)."""
+    """Lines for `predict --explain`, after its occlusion (which says what moves the score): the model's
+    internals for one clip (extras of a batch of one), each labelled for what it is. GEXSent: modality
+    shares and top experts per modality (shares of weight, not effects on the score); GCE: the graders
+    and the relation filter (training-only: the score never reads them); baselines: the first layer's
+    weight share per modality (fixed by training, the same for every clip)."""
     model = fusion_of(model)
     if name == "gexsent":
+        reference = getattr(model.config, "variant", None) == "reference"
         shares = extras["modality_weights"][0]
-        lines = ["modality shares: " + ", ".join(f"{m} {v:.2f}" for m, v in zip(model.modalities, shares.tolist()))]
+        what = ("each modality's share of the tokens its one mean pools (the reference has no modality gate)"
+                if reference else "the gate's softmax weight on each modality's summary in the fused vector")
+        lines = ["internals (shares of weight and routing, not effects on the score):",
+                 "modality shares: " + ", ".join(f"{m} {v:.2f}" for m, v in zip(model.modalities, shares.tolist()))
+                 + f"  ({what}; they sum to 1)"]
         for m in model.modalities:
             weight = extras.get(f"expert_weight_{m}")
             if weight is not None and weight[0].sum() > 0:
                 share = weight[0] / weight[0].sum()
                 top = share.argsort(descending=True)[:2].tolist()
                 lines.append(f"top experts ({m}): " + ", ".join(f"#{e} {share[e]:.2f}" for e in top))
+                experts = len(share)
+        if len(lines) > 2:
+            lines.append(f"(top experts: an expert's number, of {experts} counted from 0, and its share of the routing "
+                         f"weight of this clip's steps in that modality)")
         return lines
     if name == "gce":
         grader = extras.get("grader_preds", {})
-        lines = []
+        lines = ["internals (training-only: the graders and the relation filter do not change the score):"]
         if grader:
-            lines.append("graders: " + ", ".join(f"{k} {_show(v[0])}" for k, v in grader.items()))
+            lines.append("graders: " + ", ".join(f"{k} {_show(v[0])}" for k, v in grader.items())
+                         + "  (each branch's own prediction; in training, graded against the label to choose guide "
+                           "pairs)")
         w = extras.get("relation_weights")
         if w is not None:
             names = [f"{model.pair_names[g]} -> {model.pair_names[s]}" for g, s in model.ordered_pairs]
             order = w[0].argsort(descending=True).tolist()
             lines.append(f"guide pair (relation filter's most trusted): {names[order[0]]} (w {w[0, order[0]]:.2f}); "
-                         + ", ".join(f"{names[q]} {w[0, q]:.2f}" for q in order[1:]))
-        return lines or ["GCE on one modality: no pairs, no grading to show"]
-    return ["input weight shares: " + ", ".join(f"{m} {v:.2f}" for m, v in model.input_shares().items())]
+                         + ", ".join(f"{names[q]} {w[0, q]:.2f}" for q in order[1:])
+                         + "  (w weighs each guide -> student transfer in the training loss)")
+        return lines if len(lines) > 1 else ["GCE on one modality: no pairs, no grading to show"]
+    return ["internals (a property of the trained model, the same for every clip):",
+            "input weight shares: " + ", ".join(f"{m} {v:.2f}" for m, v in model.input_shares().items())
+            + "  (each modality's share of the first layer's weight norm)"]
 
 
 # --------------------------------------------------------------------------- helpers

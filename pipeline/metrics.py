@@ -35,7 +35,9 @@ import os
 import sys
 
 import numpy as np
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+
+# scikit-learn is imported where a metric needs it: `predict` names scores with this module and
+# should not pay for importing it (~3 s)
 
 CONSTANT_TOL = 1e-6   # a spread below this fraction of the values' magnitude (at least 1) counts as constant
 _warned: set[str] = set()
@@ -112,6 +114,8 @@ def _not_finite(pred: np.ndarray, names) -> dict | None:
 
 def regression_metrics(pred, true, family: str = "mosi") -> dict[str, float | None]:
     """The metrics of `family` ("mosi" or "sims", see the module docstring)."""
+    from sklearn.metrics import accuracy_score, f1_score
+
     if family == "sims":
         return sims_metrics(pred, true)
     if family != "mosi":
@@ -149,6 +153,8 @@ def sims_bins(values, classes: int) -> np.ndarray:
 
 
 def sims_metrics(pred, true) -> dict[str, float | None]:
+    from sklearn.metrics import f1_score
+
     pred32, true32 = _checked(pred, true, np.float32)
     if (none := _not_finite(pred32, SIMS_KEYS)) is not None:
         return none
@@ -166,6 +172,8 @@ def sims_metrics(pred, true) -> dict[str, float | None]:
 
 def classification_metrics(logits_or_pred, true, num_classes: int) -> tuple[dict[str, float], np.ndarray]:
     """(metrics, confusion matrix [true, pred]) from logits (N, C) or predicted class ids (N,)."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+
     pred = np.asarray(logits_or_pred)
     if pred.ndim == 2:
         pred = pred.argmax(axis=1)

@@ -163,10 +163,10 @@ def test_predict_clips_and_names_scores_by_the_checkpoint(sims_model, monkeypatc
     from pipeline import predict
 
     model_dir, _, _ = sims_model
-    monkeypatch.setattr(predict, "model_inputs", lambda clip, text, ckpt, cache_root=None: ({"text": np.zeros((1, 8))}, []))
-    monkeypatch.setattr(predict, "forward", lambda model, ckpt, segment: {"pred": torch.tensor([raw])})
+    monkeypatch.setattr(predict, "clip_inputs", lambda clips, ckpt, cache_root=None, progress=False: [({"text": np.zeros((1, 8))}, [])])
+    monkeypatch.setattr(predict, "forward_many", lambda model, ckpt, segments: {"pred": torch.tensor([raw])})
     result = predict.predict_clip(None, "fine", model_dir)
-    assert (result["score"], result["score_class"], result["binary"]) == (pytest.approx(score), score_class, binary)
+    assert (result["score"], result["label"], result["binary"]) == (pytest.approx(score), score_class, binary)
 
 
 def test_predict_refuses_a_model_trained_on_pickle_features(sims_model, tmp_path):
