@@ -629,6 +629,7 @@ def train_model(name: str, data_dir: str | Path, out_dir: str | Path, cfg: Train
             result, preds = evaluate(run)
             # metrics.json holds no wall time: same params and seed must give an identical file
             result.update(best_epoch=best["epoch"], epochs_run=len(history),
+                          valid_score=round(best["select"], 6),  # what selection minimised: valid MAE, or loss
                           params=sum(p.numel() for p in run.model.parameters()))
             criterion = ("3-class cross-entropy" if run.recipe.loss == "sentiment3"
                          else "loss" if run.data.task == "classification" else "mae")
