@@ -28,8 +28,7 @@ def _git(*args, cwd) -> str:
 
 def uncommitted(root: Path) -> list[str]:
     """Tracked files that differ from HEAD, other than the baseline's own."""
-    changed = _git("status", "--porcelain", "--untracked-files=no", cwd=root).splitlines()
-    paths = [line[3:] for line in changed]
+    paths = _git("diff", "--name-only", "HEAD", cwd=root).splitlines()
     return [p for p in paths if not any(p == v or p.startswith(v + "/") for v in VERSIONED)]
 
 
