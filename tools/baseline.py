@@ -3,9 +3,9 @@
     make baseline                 (= python -m tools.baseline), then commit what it staged
 
 The baseline is what a fresh clone of HEAD reproduces, so it is made in one: HEAD is cloned into a
-temporary folder and `dvc repro --no-run-cache` runs there from nothing (a cold per-clip feature cache,
-no run-cache shortcut), sharing this checkout's DVC cache so that `dvc checkout` here gets the same
-models and figures afterwards. The versioned files (VERSIONED) are copied back and staged. It refuses
+temporary folder and `dvc repro --force` runs every stage there from nothing (a cold per-clip feature
+cache; `--force`: no output is restored from DVC's cache, although the clone shares this checkout's
+cache so that `dvc checkout` here gets the same models and figures afterwards). The versioned files (VERSIONED) are copied back and staged. It refuses
 to run while params.yaml, dvc.yaml or code differ from HEAD: commit them first, then regenerate.
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ def reproduce(root: Path, work: Path) -> Path:
     env = {k: v for k, v in os.environ.items() if k != "MSA_CACHE_DIR"}  # the clone's own, empty feature cache
     env["PYTHONPATH"] = str(clone)
     started = time.time()
-    subprocess.run(["dvc", "repro", "--no-run-cache"], cwd=clone, env=env, check=True)
+    subprocess.run(["dvc", "repro", "--force"], cwd=clone, env=env, check=True)
     print(f"baseline: `dvc repro` in a fresh clone of HEAD took {time.time() - started:.0f} s")
     return clone
 
