@@ -84,3 +84,21 @@ def test_seeds_are_averaged_into_one_candidate():
     assert ranked[0]["score"] == pytest.approx(0.85) and ranked[1]["score"] == pytest.approx(0.875)
     single, _, _ = select.rank(select.candidates(rows), None, [])
     assert single[0]["name"] == "b"  # without averaging, the lucky seed would win
+
+
+def test_where_keeps_one_sweep_of_several(tmp_path, capsys):
+    """Two sweeps queued on one baseline (learning rate; batch size): --where ranks one of them."""
+    rows = _shown([
+        _entry("main", _params(1e-3), {"gexsent": 0.70, "gce": 0.70}, {"gexsent": 0.9, "gce": 0.9}),
+        _entry("lr-small", _params(1e-4), {"gexsent": 0.90, "gce": 0.90}, {"gexsent": 0.9, "gce": 0.9}),
+        _entry("bs-8", _params(1e-3, batch=8), {"gexsent": 0.80, "gce": 0.80}, {"gexsent": 0.9, "gce": 0.9}),
+        _entry("bs-32", _params(1e-3, batch=32), {"gexsent": 0.85, "gce": 0.85}, {"gexsent": 0.9, "gce": 0.9}),
+    ])
+    source = tmp_path / "shown.json"
+    source.write_text(json.dumps(rows))
+    assert select.main(["--from", str(source), "--where", "model.lr=0.001", "--out", str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out
+    assert "Winner: **main** (model.batch_size=16)" in out
+    assert "lr-small" not in out and "| 2 | bs-8 | model.batch_size=8 |" in out
+    with pytest.raises(SystemExit, match="no experiment matches"):
+        select.main(["--from", str(source), "--where", "model.lr=0.5", "--out", str(tmp_path / "s")])

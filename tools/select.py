@@ -4,13 +4,16 @@
     dvc queue start -j 1                                                             # run it
     python -m tools.select                          # rank by validation, name the winner, then its test scores
     python -m tools.select --models gce gexsent late_fusion --average-over model.seed
+    python -m tools.select --where 'evaluate.seeds=[1, 2]' --where model.batch_size=16   # one sweep of several
 
 Reads `dvc exp show --json` (the baseline commit and its experiments; `--from FILE` for a saved one).
 Each experiment's score is its validation score (`metrics/valid_mae.json`, or `valid_loss` for
 classification: what checkpoint selection minimised, mean over the report's seeds) averaged over
 `--models` (default: every trained model, not the linear probe). Experiments that differ only in the
 params of `--average-over` (e.g. a grid over `model.seed`) are one candidate, scored by their mean.
-The ranking table holds no test number; only after the winner is named are its test metrics shown.
+`--where KEY=VALUE` keeps the experiments with that param value (one sweep among several; HEAD
+itself when it matches). The ranking table holds no test number, and shows the params that vary
+among the candidates; only after the winner is named are its test metrics shown.
 Writes the ranking as markdown and CSV (`--out`, default reports/selection.md and .csv).
 """
 from __future__ import annotations
@@ -91,15 +94,33 @@ def rank(rows: list[dict], models: list[str] | None, average_over: list[str]) ->
     return ranked, key, models
 
 
-def _changed(params: dict, baseline: dict, skip: list[str]) -> str:
-    diff = [f"{k}={json.dumps(params.get(k))}" for k in sorted(set(params) | set(baseline))
-            if params.get(k) != baseline.get(k) and not any(k == a or k.startswith(a + ".") for a in skip)]
-    return " ".join(diff) or "(baseline params)"
+def where(rows: list[dict], conditions: list[str]) -> list[dict]:
+    """The rows whose params match every KEY=VALUE (VALUE read as YAML, as `dvc exp run -S` reads it)."""
+    import yaml
+
+    wanted = []
+    for condition in conditions:
+        key, sep, value = condition.partition("=")
+        if not sep:
+            raise SystemExit(f"select: --where {condition!r}: expected KEY=VALUE")
+        wanted.append((key, yaml.safe_load(value)))
+    return [r for r in rows if all(r["params"].get(k) == v for k, v in wanted)]
 
 
-def tables(ranked: list[dict], key: str, models: list[str], baseline: dict, average_over: list[str]) -> tuple[list, list]:
-    header = ["rank", "experiment", "params changed", f"{key} (mean)"] + [f"{key} {m}" for m in models]
-    rows = [[str(i), c["name"], _changed(c["params"], baseline, average_over), f"{c['score']:.4f}"]
+def varying(ranked: list[dict], skip: list[str]) -> list[str]:
+    """The params whose value is not the same for every candidate (what the sweep changed)."""
+    keys = sorted({k for c in ranked for k in c["params"]})
+    return [k for k in keys if len({json.dumps(c["params"].get(k)) for c in ranked}) > 1
+            and not any(k == a or k.startswith(a + ".") for a in skip)]
+
+
+def _shown(params: dict, keys: list[str]) -> str:
+    return " ".join(f"{k}={json.dumps(params.get(k))}" for k in keys) or "(the same params)"
+
+
+def tables(ranked: list[dict], key: str, models: list[str], keys: list[str]) -> tuple[list, list]:
+    header = ["rank", "experiment", "params", f"{key} (mean)"] + [f"{key} {m}" for m in models]
+    rows = [[str(i), c["name"], _shown(c["params"], keys), f"{c['score']:.4f}"]
             + [f"{c['per_model'][m]:.4f}" for m in models] for i, c in enumerate(ranked, 1)]
     return header, rows
 
@@ -129,6 +150,8 @@ def main(argv=None) -> int:
     cli.add_argument("--models", nargs="+", help="models whose validation scores are averaged (default: all but the probe)")
     cli.add_argument("--average-over", nargs="*", default=[], metavar="PARAM",
                      help="params that do not define a candidate (e.g. model.seed): its runs are averaged")
+    cli.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
+                     help="only experiments with this param value (repeatable)")
     cli.add_argument("--from", dest="source", help="a saved `dvc exp show --json` (default: run it here)")
     cli.add_argument("--out", default="reports/selection", help="writes <out>.md and <out>.csv (default: %(default)s)")
     args = cli.parse_args(argv)
@@ -139,18 +162,20 @@ def main(argv=None) -> int:
         if done.returncode != 0:
             raise SystemExit(f"select: `dvc exp show --json` failed: {done.stderr.strip().splitlines()[-1:]}")
         shown = json.loads(done.stdout)
-    rows = candidates(shown)
+    rows = where(candidates(shown), args.where)
+    if not rows:
+        raise SystemExit(f"select: no experiment matches {' and '.join(args.where)}")
     ranked, key, models = rank(rows, args.models, args.average_over)
     if not ranked:
         raise SystemExit(f"select: no experiment has {key} for {', '.join(models)}")
-    baseline = next((r["params"] for r in rows if r["baseline"]), {})
-    header, body = tables(ranked, key, models, baseline, args.average_over)
+    keys = varying(ranked, args.average_over)
+    header, body = tables(ranked, key, models, keys)
     winner = ranked[0]
     test_header, test_body = test_scores(winner)
     text = (f"Ranked by validation alone: {key}, mean over {', '.join(models)}"
             + (f" and over {', '.join(args.average_over)}" if args.average_over else "") + " (lower is better).\n\n"
             + markdown(header, body)
-            + f"\nWinner: **{winner['name']}** ({_changed(winner['params'], baseline, args.average_over)}), "
+            + f"\nWinner: **{winner['name']}** ({_shown(winner['params'], keys)}), "
               f"{key} {winner['score']:.4f}.\n\nIts test scores (shown after the choice, not used by it):\n\n"
             + markdown(test_header, test_body))
     print(text)
