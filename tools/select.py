@@ -6,7 +6,8 @@
     python -m tools.select --models gce gexsent late_fusion --average-over model.seed
     python -m tools.select --where 'evaluate.seeds=[1, 2]' --where model.batch_size=16   # one sweep of several
 
-Reads `dvc exp show --json` (the baseline commit and its experiments; `--from FILE` for a saved one).
+Reads `dvc exp show --json` (HEAD and its experiments; `--rev COMMIT` for experiments queued on an
+earlier commit, `--from FILE` for a saved output).
 Each experiment's score is its validation score (`metrics/valid_mae.json`, or `valid_loss` for
 classification: what checkpoint selection minimised, mean over the report's seeds) averaged over
 `--models` (default: every trained model, not the linear probe). Experiments that differ only in the
@@ -152,13 +153,15 @@ def main(argv=None) -> int:
                      help="params that do not define a candidate (e.g. model.seed): its runs are averaged")
     cli.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
                      help="only experiments with this param value (repeatable)")
+    cli.add_argument("--rev", help="the commit the experiments were run on (default: HEAD)")
     cli.add_argument("--from", dest="source", help="a saved `dvc exp show --json` (default: run it here)")
     cli.add_argument("--out", default="reports/selection", help="writes <out>.md and <out>.csv (default: %(default)s)")
     args = cli.parse_args(argv)
     if args.source:
         shown = json.loads(Path(args.source).read_text())
     else:
-        done = subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True)
+        done = subprocess.run(["dvc", "exp", "show", "--json", *(["--rev", args.rev] if args.rev else [])],
+                              capture_output=True, text=True)
         if done.returncode != 0:
             raise SystemExit(f"select: `dvc exp show --json` failed: {done.stderr.strip().splitlines()[-1:]}")
         shown = json.loads(done.stdout)
