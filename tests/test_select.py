@@ -31,12 +31,13 @@ def _params(lr: float, seed: int = 0, batch: int = 16) -> dict:
     return {"model": {"lr": lr, "batch_size": batch, "seed": seed}, "features": {"acoustic": {"extractor": "compare"}}}
 
 
-def _shown(rows: list[dict]) -> list[dict]:
+def _shown(rows: list[dict], running: list[dict] = ()) -> list[dict]:
     baseline, *exps = rows
     workspace = {**_entry("workspace", _params(9.0), {m: 0.0 for m in MODELS}, {m: 0.0 for m in MODELS}),
                  "rev": "workspace", "name": None}
-    return [workspace, {**baseline, "error": None,
-                        "experiments": [{"executor": None, "name": e["name"], "revs": [e]} for e in exps]}]
+    done = [{"executor": {"state": "success", "name": "dvc-task"}, "name": e["name"], "revs": [e]} for e in exps]
+    busy = [{"executor": {"state": "running", "name": "dvc-task"}, "name": e["name"], "revs": [e]} for e in running]
+    return [workspace, {**baseline, "error": None, "experiments": done + busy}]
 
 
 PLANTED = _shown([
@@ -44,6 +45,8 @@ PLANTED = _shown([
     _entry("exp-valid-best", _params(3e-4), {"gexsent": 0.80, "gce": 0.84}, {"gexsent": 0.99, "gce": 1.01}),
     _entry("exp-test-best", _params(1e-4), {"gexsent": 0.95, "gce": 0.97}, {"gexsent": 0.70, "gce": 0.72}),
     _entry("exp-failed", _params(1e-2), None, None),
+], running=[  # DVC lists a queued or running experiment with its baseline's metrics: no candidate
+    _entry("exp-running", _params(3e-3), {"gexsent": 0.10, "gce": 0.10}, {"gexsent": 0.9, "gce": 0.9}),
 ])
 
 
@@ -58,7 +61,7 @@ def test_the_winner_is_the_best_validation_score_not_the_best_test_score(tmp_pat
     assert "| gexsent | 0.9900 |" in after  # the winner's test MAE, shown after the choice
     with open(tmp_path / "sel.csv") as f:
         table = list(csv.reader(f))
-    assert [r[1] for r in table[1:]] == ["exp-valid-best", "main", "exp-test-best"]  # the failed run is no candidate
+    assert [r[1] for r in table[1:]] == ["exp-valid-best", "main", "exp-test-best"]  # not the failed or running one
     assert table[1][3] == "0.8200" and table[0][3] == "valid_mae (mean)"
     assert (tmp_path / "sel.md").read_text().startswith("Ranked by validation alone")
 

@@ -51,13 +51,16 @@ def _row(name: str, data: dict | None) -> dict:
 
 
 def candidates(shown: list[dict]) -> list[dict]:
-    """Every committed baseline and experiment of `dvc exp show --json` (not the workspace), baseline first."""
+    """Every committed baseline and finished experiment of `dvc exp show --json` (not the workspace, not a
+    queued, running or failed one), baseline first."""
     rows = []
     for commit in shown:
         if commit.get("rev") == "workspace":
             continue
         rows.append({**_row(commit.get("name") or commit["rev"][:7], commit.get("data")), "baseline": True})
         for exp in commit.get("experiments") or []:
+            if ((exp.get("executor") or {}).get("state") or "success") != "success":
+                continue  # queued or running: DVC shows the baseline's numbers there; failed: none
             rev = (exp.get("revs") or [{}])[0]
             rows.append({**_row(rev.get("name") or exp.get("name") or rev.get("rev", "?")[:7], rev.get("data")),
                          "baseline": False})
