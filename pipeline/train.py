@@ -65,7 +65,7 @@ class TrainParams:
     lr: float = param(0.001, gt(0), "AdamW learning rate of the fusion model")
     lr_text: float = param(0.00005, gt(0), "learning rate of the text encoder when text_finetune is on")
     text_finetune: bool = param(False, doc="fine-tune the text encoder from stored token ids (slow on CPU)")
-    batch_size: int = param(16, ge(1), "global batch size (split across torchrun ranks)")
+    batch_size: int = param(32, ge(1), "global batch size (split across torchrun ranks); chosen on validation, see params.yaml")
     eval_batch_size: int = param(256, ge(1))
     epochs: int = param(40, ge(1))
     patience: int = param(8, ge(1), "early stopping: epochs without validation improvement")
