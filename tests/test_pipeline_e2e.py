@@ -133,6 +133,7 @@ def test_a_fresh_clone_reproduces_the_committed_baseline(project):
 def test_metrics_show_is_a_metrics_by_models_table_within_120_columns(project):
     work, env = project["work"], project["env"]
     shown = _run(["dvc", "metrics", "show"], work, env)
+    print(shown)
     lines = shown.strip().splitlines()
     assert max(map(len, lines)) <= 120, shown
     assert lines[0].split() == ["Path", "gce", "gexsent", "late_fusion", "linear_probe", "text_only"]
@@ -210,6 +211,7 @@ def test_the_exp_show_command_of_the_docs_shows_every_cell_in_200_columns(projec
     (command,) = re.findall(r"^COLUMNS=200 (dvc exp show .+?)\s*(?:#.*)?$", docs, re.M)
     shown = subprocess.run(command, shell=True, cwd=project["work"], env=project["env"], capture_output=True,
                            text=True).stdout
+    print(shown)
     assert "…" not in shown and "metrics/mae.json:gce" in shown and "model.lr" in shown, shown
     assert max(map(len, shown.splitlines())) <= 200
 
