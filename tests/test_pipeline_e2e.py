@@ -26,7 +26,6 @@ from conftest import REPO
 
 MODELS = ("gexsent", "gce", "text_only", "late_fusion")
 FUSION_MARGIN = 0.15  # test MAE points by which each fusion model must beat text_only
-VERSIONED = ("metrics", "reports/summary.md", "reports/summary.json")  # besides dvc.lock (docs/experiments.md)
 
 
 def _run(args, cwd, env, ok=True):
@@ -117,17 +116,49 @@ def test_repro_runs_every_stage_and_is_then_up_to_date(project):
     assert "up to date" in _run(["dvc", "status"], work, env)
 
 
+ROBUSTNESS_TOLERANCE = 1e-4  # on the robustness AUCs only; see the test's docstring
+
+
+def _committed(work: Path, env: dict, path: str) -> str:
+    return _run(["git", "show", f"HEAD:{path}"], work, env)
+
+
+def _without_robustness(markdown: str) -> tuple[str, list[float]]:
+    """The report with its robustness tables' numbers taken out (returned apart)."""
+    numbers = []
+
+    def strip(match):
+        numbers.extend(float(x) for x in re.findall(r"-?\d+\.\d+", match.group(0)))
+        return re.sub(r"-?\d+\.\d+", "#", match.group(0))
+    return re.sub(r"<!-- table: (robustness|subsets) -->.*?<!-- /table -->", strip, markdown, flags=re.S), numbers
+
+
 def test_a_fresh_clone_reproduces_the_committed_baseline(project):
-    """The committed metrics/ and report are what a fresh clone's `dvc repro` writes, byte for byte: training
-    is deterministic on CPU (model.threads fixes the thread count) and the files hold no times or paths.
-    The yardstick is git's copy, made by `make baseline` in another clone."""
+    """The committed metrics/ and report are what a fresh clone's `dvc repro` writes. Every training metric
+    exactly (bit for bit in every run measured: training on CPU is deterministic, `model.threads` fixes the
+    thread count). The robustness AUCs within ROBUSTNESS_TOLERANCE: that stage's numbers moved in the 5th
+    decimal between runs on one machine (1e-5 once in four runs), so 1e-4 is ten times the jitter seen and
+    ten times below the 3 decimals the report prints. The yardstick is git's copy, made by `make baseline`."""
     work, env = project["work"], project["env"]
-    changed = _run(["git", "status", "--porcelain", "--", *VERSIONED], work, env).strip()
-    if changed:
-        lock = _run(["git", "diff", "--stat", "dvc.lock"], work, env)
-        pytest.fail("the committed baseline is not what a fresh clone reproduces: regenerate it with `make baseline` "
-                    f"(after the code and params are committed).\n{changed}\n{_run(['dvc', 'metrics', 'diff'], work, env)}"
-                    f"\ndvc.lock differs: {lock}")
+    hint = ("the committed baseline is not what a fresh clone reproduces: regenerate it with `make baseline` (after "
+            "the code and params are committed)")
+    committed = {Path(p).stem: json.loads(_committed(work, env, p))
+                 for p in _run(["git", "ls-files", "metrics"], work, env).split()}
+    made = _lean(work)
+    assert set(made) == set(committed), hint
+    for stem, by_model in committed.items():
+        assert set(made[stem]) == set(by_model), (hint, stem)
+        for model, value in by_model.items():
+            if stem.startswith("auc_"):
+                assert abs(made[stem][model] - value) <= ROBUSTNESS_TOLERANCE, (hint, stem, model, value, made[stem][model])
+            else:
+                assert made[stem][model] == value, (hint, stem, model, value, made[stem][model])
+    assert json.loads((work / "reports" / "summary.json").read_text()) == \
+        json.loads(_committed(work, env, "reports/summary.json")), hint
+    text, numbers = _without_robustness((work / "reports" / "summary.md").read_text())
+    committed_text, committed_numbers = _without_robustness(_committed(work, env, "reports/summary.md"))
+    assert text == committed_text, hint
+    assert numbers == pytest.approx(committed_numbers, abs=0.0011), hint  # one unit of the 3rd decimal
 
 
 def test_metrics_show_is_a_metrics_by_models_table_within_120_columns(project):
