@@ -65,7 +65,7 @@ class TrainParams:
     lr: float = param(0.001, gt(0), "AdamW learning rate of the fusion model")
     lr_text: float = param(0.00005, gt(0), "learning rate of the text encoder when text_finetune is on")
     text_finetune: bool = param(False, doc="fine-tune the text encoder from stored token ids (slow on CPU)")
-    batch_size: int = param(16, ge(1), "global batch size (split across torchrun ranks)")
+    batch_size: int = param(32, ge(1), "global batch size (split across torchrun ranks); chosen on validation, see params.yaml")
     eval_batch_size: int = param(256, ge(1))
     epochs: int = param(40, ge(1))
     patience: int = param(8, ge(1), "early stopping: epochs without validation improvement")
@@ -629,6 +629,7 @@ def train_model(name: str, data_dir: str | Path, out_dir: str | Path, cfg: Train
             result, preds = evaluate(run)
             # metrics.json holds no wall time: same params and seed must give an identical file
             result.update(best_epoch=best["epoch"], epochs_run=len(history),
+                          valid_score=round(best["select"], 6),  # what selection minimised: valid MAE, or loss
                           params=sum(p.numel() for p in run.model.parameters()))
             criterion = ("3-class cross-entropy" if run.recipe.loss == "sentiment3"
                          else "loss" if run.data.task == "classification" else "mae")

@@ -23,7 +23,7 @@ from conftest import REPO, write_fake_features
 from pipeline import params, schema
 from pipeline.errors import ParamError, guarded
 
-STAGES = ("prepare", "text", "visual", "acoustic", "assemble", "train", "probe", "seeds", "ablation", "robustness", "report")
+STAGES = ("check", "prepare", "text", "visual", "acoustic", "assemble", "train", "probe", "seeds", "ablation", "robustness", "report")
 
 
 def _import_all():
@@ -141,6 +141,77 @@ def test_a_missing_upstream_output_names_the_stage_to_run(tmp_path, monkeypatch,
         assert _stage_call(stage)() == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"run the `{upstream}` stage first" in err[0], err
+
+
+# --------------------------------------------------------------------------- the check stage: before any output is removed
+
+CHECK_ONLY = [  # what no single stage sees, but the check does
+    ("modle.lr=0.1", "modle: unknown params section (known: assemble, cache,"),
+    ("evaluate.models=[gce, gpt]", "evaluate.models[1]: 'gpt' is not allowed (gexsent | gce | text_only | late_fusion)"),
+    ("evaluate.ablations={x: {model: gce, set: [gce.grading=never]}}",
+     "evaluate.ablations.x (gce.grading=never): gce.grading: 'never' is not allowed"),
+]
+
+
+@pytest.mark.parametrize("assignment, message", BAD + CHECK_ONLY, ids=[a for a, _ in BAD + CHECK_ONLY])
+def test_the_check_stops_every_bad_value_in_one_line_that_says_how_to_undo(tmp_path, monkeypatch, capsys, assignment,
+                                                                          message):
+    from stages import check
+
+    monkeypatch.chdir(_project(tmp_path, assignment))
+    assert guarded("check", check.main, "features/params.checked") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"check: {message}"), err
+    assert "`git checkout params.yaml`" in err[0] and "--temp" in err[0]
+    assert not (tmp_path / "features" / "params.checked").exists()
+
+
+def test_a_passing_check_writes_the_same_bytes_for_any_valid_params(tmp_path, monkeypatch):
+    """Its output is every other stage's dependency: if its bytes followed the params, passing would re-run them all."""
+    from stages import check
+
+    written = []
+    for i, assignment in enumerate(["model.lr=0.001", "model.lr=0.0001", "features.visual.fps=5"]):
+        (tmp_path / str(i)).mkdir()
+        monkeypatch.chdir(_project(tmp_path / str(i), assignment))
+        assert guarded("check", check.main, "features/params.checked") == 0
+        written.append((tmp_path / str(i) / "features" / "params.checked").read_bytes())
+    assert written[0] == written[1] == written[2] and written[0]
+
+
+def test_the_check_knows_every_params_section():
+    """pipeline/check.py imports each module that declares a section; a new section's module must be added there."""
+    _import_all()
+    listed = subprocess.run([sys.executable, "-c", "import pipeline.check, pipeline.params as p; print(sorted(p.SECTIONS))"],
+                            cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+    assert listed == str(sorted(params.SECTIONS))
+
+
+def _dvc_stages() -> dict:
+    return yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+
+
+def test_every_stage_waits_for_the_params_check():
+    stages = _dvc_stages()
+    (marker,) = stages["check"]["outs"]
+    assert stages["check"]["params"] == [{"params.yaml": None}]  # all of it, whatever section is added
+    for name, stage in stages.items():
+        if name != "check":
+            assert marker in stage.get("do", stage)["deps"], name
+
+
+def test_every_output_is_in_git_or_in_dvc_cache():
+    """`dvc exp run --temp` and the queue run in a fresh copy of the last commit: an output that is neither
+    versioned in git nor in DVC's cache is missing there, so its stage (feature extraction, training) would re-run."""
+    for name, stage in _dvc_stages().items():
+        stage = stage.get("do", stage)
+        for kind in ("outs", "metrics", "plots"):
+            for out in stage.get(kind, []):
+                path, opts = next(iter(out.items())) if isinstance(out, dict) else (out, {})
+                if (opts or {}).get("cache", True) is False:
+                    path = path.replace("${item}", "gce")
+                    ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO).returncode == 0
+                    assert not ignored, f"{name}: {path} is cache: false and gitignored: neither git nor DVC keeps it"
 
 
 def test_the_real_command_line_exits_2_with_one_line(tmp_path):

@@ -156,7 +156,7 @@ def project(tmp_path_factory):
         _call("ablation", "late-no-acoustic", "features/dataset", "models/ablations/late-no-acoustic")
         _call("probe", "features/dataset", "models/linear_probe")
         _call("robustness", "features/dataset", "models", "reports/robustness")
-        _call("report", "models", "reports/robustness/details.json", "reports")
+        _call("report", "models", "reports/robustness/details.json", "reports", "metrics")
     finally:
         os.chdir(before)
     return work
@@ -255,6 +255,35 @@ def test_report_tables_flags_and_records(project):
         assert {read["split"] for read in written["selection"].values()} == {"valid"}, run
     assert set(recorded(project / "models/gexsent")["selection"]) == {"early_stopping", "checkpoint"}
     assert set(recorded(project / "models/linear_probe")["selection"]) == {"penalty"}
+
+
+def test_the_dvc_metrics_are_one_small_file_per_number_keyed_by_model(project):
+    """metrics/ (what `dvc metrics` and `dvc exp show` compare): per model the mean over seeds of the headline
+    test metrics and of the validation score, the std of the primary metric, the robustness AUCs; nothing else."""
+    runs = {"gexsent": ["models/gexsent", "models/seeds/gexsent/seed1"],
+            "late_fusion": ["models/late_fusion", "models/seeds/late_fusion/seed1"], "linear_probe": ["models/linear_probe"]}
+    written = {p.stem: json.loads(p.read_text()) for p in (project / "metrics").glob("*.json")}
+    assert set(written) == {"mae", "corr", "acc2_has0", "acc2_non0", "f1_has0", "f1_non0", "mae_std", "valid_mae",
+                            "auc_random-visual", "auc_block-visual", "auc_random-acoustic", "auc_block-acoustic"}
+    for model, folders in runs.items():
+        by_seed = [json.loads((project / f / "metrics.json").read_text()) for f in folders]
+        for metric in ("mae", "corr", "acc2_non0", "f1_has0"):
+            assert written[metric][model] == pytest.approx(np.mean([m["test"][metric] for m in by_seed]), abs=1e-6)
+        assert written["valid_mae"][model] == pytest.approx(np.mean([m["valid"]["mae"] for m in by_seed]), abs=1e-6)
+    maes = [json.loads((project / f / "metrics.json").read_text())["test"]["mae"] for f in runs["gexsent"]]
+    assert written["mae_std"]["gexsent"] == pytest.approx(np.std(maes, ddof=1), abs=1e-6)
+    assert "linear_probe" not in written["mae_std"]  # one run: no std, rather than a made-up 0
+    rob = json.loads((project / "reports/robustness/details.json").read_text())
+    assert written["auc_random-visual"]["late_fusion"] == pytest.approx(rob["models"]["late_fusion"]["random-visual"]["auc_mae"]["mean"])
+    assert all(isinstance(v, float) for by_model in written.values() for v in by_model.values())
+    md = (project / "reports" / "summary.md").read_text()
+    this_run = md[md.index("## This run"):md.index("## Flags")]
+    assert "not possible, no committed params.yaml" in this_run  # no git here: said, not guessed
+    shared = next(line for line in this_run.splitlines() if line.startswith("| `model` (every model) | "))
+    lr = yaml.safe_load((project / "params.yaml").read_text())["model"]["lr"]
+    assert f"lr {lr}," in shared and "epochs 3," in shared and 'modalities ["text", "visual", "acoustic"]' in shared
+    assert 'variant "improved"' in next(line for line in this_run.splitlines() if line.startswith("| `gexsent` | "))
+    assert "| `probe` | alphas [" in this_run
 
 
 def test_every_trained_model_is_reported_with_the_seeds_it_has(project):
