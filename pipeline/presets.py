@@ -5,7 +5,7 @@ into the dataset's meta.json, training evaluates and plots with it and stores it
 checkpoint, and `predict` clips and names its scores with it. Nothing downstream hard-codes
 [-3, 3] or the MOSI metrics.
 
-    preset   labels     metrics (pipeline.metrics)                 standard split sizes
+    preset   labels     metrics (pipeline.training.metrics)                 standard split sizes
     mosi     [-3, 3]    mosi: Acc-2 has0/non0, F1, Acc-5, Acc-7    1284 / 229 / 686
     mosei    [-3, 3]    mosi                                       16326 / 1871 / 4659
     sims     [-1, 1]    sims: Acc-2 (0 negative), Acc-3, Acc-5     1368 / 456 / 457
@@ -32,7 +32,7 @@ METRIC_FAMILIES = ("mosi", "sims")
 @dataclass(frozen=True)
 class Preset:
     label_range: tuple[float, float]
-    metrics: str                          # a family of pipeline.metrics
+    metrics: str                          # a family of pipeline.training.metrics
     splits: dict[str, str]                # our split -> the corpus's name for it
     split_sizes: dict[str, int] | None    # the standard release's sizes, checked on import
 
@@ -58,7 +58,7 @@ PUBLISHED_SHA256 = {
 class CustomPreset:
     """params `data.custom`: the conventions of a corpus that is none of the presets."""
     label_range: list[float] = param([-3.0, 3.0], doc="[low, high]: labels outside are rejected, scores clipped")
-    metrics: str = param("mosi", one_of(*METRIC_FAMILIES), "metric family (pipeline/metrics.py)")
+    metrics: str = param("mosi", one_of(*METRIC_FAMILIES), "metric family (pipeline/training/metrics.py)")
     splits: dict[str, str] = param(dict(_SAME_NAMES), doc="train/valid/test -> the corpus's name for each")
 
     def __post_init__(self):

@@ -4,7 +4,7 @@ at model.seed and every evaluate.seeds, so the report can pair it with the full 
     python -m stages.ablation gce-no-contrastive features/dataset models/ablations/gce-no-contrastive
 
 Writes <out>/seed<k>/ (model.pt, metrics.json with the data hashes, plots/) per seed. An ablation that
-cannot change its model on this dataset (`pipeline.variants.vacuous`: GCE's pair components on a
+cannot change its model on this dataset (`pipeline.evaluation.variants.vacuous`: GCE's pair components on a
 text-only corpus, removing a modality the corpus lacks) is not trained: <out>/skipped.json holds the
 reason, which the stage prints and the report lists.
 """
@@ -14,10 +14,11 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline import params, runs
+from pipeline import params
+from pipeline.evaluation import runs
 from pipeline.errors import ParamError, guarded, require
-from pipeline.train import TrainingFailed
-from pipeline.variants import summary_line, train_variant, vacuous
+from pipeline.training.train import TrainingFailed
+from pipeline.evaluation.variants import summary_line, train_variant, vacuous
 
 
 def main(name: str, dataset: str, out: str) -> int:

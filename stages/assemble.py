@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from pipeline import params, schema
-from pipeline.dataset import AssembleParams, assemble
+from pipeline.training.dataset import AssembleParams, assemble
 from pipeline.errors import guarded, require
 
 

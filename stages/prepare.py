@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from pipeline import params
 from pipeline.cache import atomic_write
 from pipeline.errors import UserError, guarded
-from pipeline.prepare import DataParams, read, summary
+from pipeline.data.prepare import DataParams, read, summary
 
 
 def main(manifest_path: str, rejects_path: str) -> int:

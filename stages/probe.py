@@ -11,8 +11,8 @@ from pathlib import Path
 
 from pipeline import params, schema
 from pipeline.errors import guarded, require
-from pipeline.probe import ProbeParams, fit_probe
-from pipeline.provenance import stamp
+from pipeline.evaluation.probe import ProbeParams, fit_probe
+from pipeline.training.provenance import stamp
 
 
 def main(dataset: str, out: str) -> int:

@@ -6,17 +6,18 @@ Reads models/<m> (train@<m>), models/linear_probe (probe), models/seeds and mode
 robustness summary and all of params.yaml (the report names the params that differ from HEAD's and
 every model's hyperparameters); writes reports/summary.md (+ summary.json, details.json, figures/) and
 metrics/, one small JSON per number keyed by model, which `dvc metrics` and `dvc exp show` compare
-(pipeline/experiment.py). `python -m tools.readme_tables` copies the report's tables into the README.
+(pipeline/evaluation/experiment.py). `python -m tools.readme_tables` copies the report's tables into the README.
 """
 import argparse
 import json
 import sys
 from pathlib import Path
 
-from pipeline import experiment, params, runs
+from pipeline.evaluation import experiment, runs
+from pipeline import params
 from pipeline.errors import guarded
-from pipeline.evaluation import PRIMARY
-from pipeline.report import ReportParams, build, write
+from pipeline.evaluation.stats import PRIMARY
+from pipeline.evaluation.report import ReportParams, build, write
 
 
 def main(models: str, robustness: str, out: str, metrics: str) -> int:

@@ -11,11 +11,12 @@ import argparse
 import sys
 import time
 
-from pipeline import params, runs
-from pipeline.dataset import AssembledData
+from pipeline import params
+from pipeline.evaluation import runs
+from pipeline.training.dataset import AssembledData
 from pipeline.errors import guarded, require
-from pipeline.evaluation import PRIMARY
-from pipeline.robustness import RobustnessParams, load_scored, measure, summarize, write_outputs
+from pipeline.evaluation.stats import PRIMARY
+from pipeline.evaluation.robustness import RobustnessParams, load_scored, measure, summarize, write_outputs
 
 
 def main(dataset: str, models: str, out: str) -> int:

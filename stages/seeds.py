@@ -11,8 +11,8 @@ import sys
 
 from pipeline import params
 from pipeline.errors import guarded, require
-from pipeline.train import TrainingFailed
-from pipeline.variants import summary_line, train_variant
+from pipeline.training.train import TrainingFailed
+from pipeline.evaluation.variants import summary_line, train_variant
 
 
 def main(model: str, seed: int, dataset: str, out: str) -> int:

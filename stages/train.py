@@ -13,8 +13,8 @@ import sys
 from pipeline import params
 from pipeline.errors import guarded, require
 from pipeline.models import MODELS
-from pipeline.provenance import stamp
-from pipeline.train import TrainingFailed, TrainParams, train_model
+from pipeline.training.provenance import stamp
+from pipeline.training.train import TrainingFailed, TrainParams, train_model
 
 
 def main(name: str, dataset: str, out: str) -> int:

@@ -52,7 +52,7 @@ def test_extractor_benchmarks_report_every_option(tmp_path):
 def test_synthetic_mosei_pickle_is_mmsa_shaped_and_zero_after_each_length(tmp_path):
     import numpy as np
 
-    from pipeline import safe_pickle
+    from pipeline.data import safe_pickle
 
     sizes = {"train": 7, "valid": 3, "test": 2}
     path = bench.write_mosei_pickle(tmp_path / "m.pkl", sizes, bench.MOSEI_DIMS, steps=12)

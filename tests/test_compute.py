@@ -16,7 +16,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline.cache import FeatureCache, make_key
-from pipeline.compute import ALLOWED_FAILURES, Compute, parallel_map
+from pipeline.features.compute import ALLOWED_FAILURES, Compute, parallel_map
 from pipeline.features.table import read_feature_table
 from pipeline.features.runner import Extracted, Plan, run_stage
 
@@ -186,7 +186,7 @@ def test_local_workers_die_with_the_stage_process():
 
     from conftest import REPO
 
-    script = ("import time; from pipeline.compute import Compute, parallel_map; "
+    script = ("import time; from pipeline.features.compute import Compute, parallel_map; "
               "list(parallel_map(time.sleep, [120] * 4, Compute('local', 2)))")
     stage = subprocess.Popen([sys.executable, "-c", script], cwd=REPO)
     try:

@@ -124,7 +124,7 @@ def test_a_bad_value_ends_the_stage_with_one_line(tmp_path, monkeypatch, capsys,
 
 
 def test_launch_is_python_or_torchrun_with_flags_only():
-    from pipeline.train import TrainParams
+    from pipeline.training.train import TrainParams
 
     for good in ("python", "python3", "torchrun --nproc_per_node 4",
                  "torchrun --nproc_per_node=4 --nnodes 2 --rdzv_endpoint head:29500"):
@@ -180,9 +180,9 @@ def test_a_passing_check_writes_the_same_bytes_for_any_valid_params(tmp_path, mo
 
 
 def test_the_check_knows_every_params_section():
-    """pipeline/check.py imports each module that declares a section; a new section's module must be added there."""
+    """stages/check.py imports each module that declares a section; a new section's module must be added there."""
     _import_all()
-    listed = subprocess.run([sys.executable, "-c", "import pipeline.check, pipeline.params as p; print(sorted(p.SECTIONS))"],
+    listed = subprocess.run([sys.executable, "-c", "import stages.check, pipeline.params as p; print(sorted(p.SECTIONS))"],
                             cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
     assert listed == str(sorted(params.SECTIONS))
 
@@ -298,8 +298,8 @@ def speech_modality():
 
 @pytest.mark.parametrize("model", ["late_fusion", "gexsent", "gce"])
 def test_a_fourth_modality_through_the_registry(tmp_path, speech_modality, model):
-    from pipeline.dataset import AssembledData, assemble
-    from pipeline.train import train_model
+    from pipeline.training.dataset import AssembledData, assemble
+    from pipeline.training.train import train_model
 
     dims = {"text": 8, "visual": 6, "acoustic": 5, "speech": 7}
     root = write_fake_features(tmp_path / "feat", n=48, dims=dims)
@@ -311,7 +311,7 @@ def test_a_fourth_modality_through_the_registry(tmp_path, speech_modality, model
     cfg = {"epochs": 2, "patience": 5, "batch_size": 8, "modalities": ["text", "visual", "acoustic", "speech"]}
     result = train_model(model, root / "dataset", tmp_path / model, cfg, progress=False)
     assert result["test"]["mae"] is not None
-    from pipeline.train import load_checkpoint
+    from pipeline.training.train import load_checkpoint
 
     trained, ckpt = load_checkpoint(tmp_path / model / "model.pt")
     assert ckpt["config"]["input_dims"]["speech"] == 7

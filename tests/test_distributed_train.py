@@ -24,8 +24,8 @@ import pytest
 import yaml
 
 from conftest import REPO, write_fake_features
-from pipeline.dataset import assemble
-from pipeline.train import train_model
+from pipeline.training.dataset import assemble
+from pipeline.training.train import train_model
 
 TRAIN = {"epochs": 3, "patience": 10, "batch_size": 16, "lr": 0.003, "seed": 0, "device": "cpu"}
 SMALL_GCE = {"visual_d_model": 8, "acoustic_d_model": 8, "encoder_layers": 1, "encoder_heads": 2, "encoder_ff_dim": 16,

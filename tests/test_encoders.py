@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.encoders import (EncoderUnavailable, fingerprint, load_image_encoder, load_text_encoder, pick_device,
+from pipeline.features.encoders import (EncoderUnavailable, fingerprint, load_image_encoder, load_text_encoder, pick_device,
                                resolve_image_encoder, resolve_text_encoder)
 from pipeline.features.text import encode, tokenize
 

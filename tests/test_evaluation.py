@@ -15,8 +15,8 @@ import yaml
 from conftest import REPO, write_fake_features
 from pipeline import params, schema
 from pipeline.errors import guarded
-from pipeline.evaluation import auc, batched_metrics, bootstrap_replicates, compare, sign_test, summarize
-from pipeline.metrics import classification_metrics, regression_metrics
+from pipeline.evaluation.stats import auc, batched_metrics, bootstrap_replicates, compare, sign_test, summarize
+from pipeline.training.metrics import classification_metrics, regression_metrics
 
 MODS = ("text", "visual", "acoustic")
 
@@ -103,7 +103,7 @@ def test_batched_metrics_equal_the_metrics_module():
 
 
 def test_auc_is_the_trapezoid_over_rates_per_unit_of_rate():
-    from pipeline.robustness import RobustnessParams
+    from pipeline.evaluation.robustness import RobustnessParams
 
     rates = [round(0.1 * i, 1) for i in range(11)]
     assert auc(rates, [0.7] * 11) == pytest.approx(0.7)                # a flat curve scores its value
@@ -143,7 +143,7 @@ def project(tmp_path_factory):
         params.assign(raw, f"{key}={json.dumps(value)}")
     (work / "params.yaml").write_text(yaml.safe_dump(raw))
     root = write_fake_features(work / "features", n=64)
-    from pipeline.dataset import assemble
+    from pipeline.training.dataset import assemble
 
     assemble(root / "manifest.parquet", {m: root / f"{m}.parquet" for m in MODS}, root / "dataset")
     before = os.getcwd()
@@ -163,8 +163,8 @@ def project(tmp_path_factory):
 
 
 def _corruptor(project):
-    from pipeline.dataset import AssembledData
-    from pipeline.robustness import Corruptor
+    from pipeline.training.dataset import AssembledData
+    from pipeline.evaluation.robustness import Corruptor
 
     data = AssembledData(project / "features" / "dataset")
     rows = data.split_rows("test")
@@ -172,7 +172,7 @@ def _corruptor(project):
 
 
 def test_rate_zero_is_the_plain_test_metric(project):
-    from pipeline.robustness import load_scored, predict
+    from pipeline.evaluation.robustness import load_scored, predict
 
     data, rows, corruptor = _corruptor(project)
     for protocol in ("random", "block"):
@@ -191,7 +191,7 @@ def test_rate_zero_is_the_plain_test_metric(project):
 @pytest.mark.parametrize("modality", MODS)
 def test_rate_one_drop_equals_training_time_masking(project, modality):
     """r = 1 of one modality (random or block) = the model's output with that modality's mask all False."""
-    from pipeline.robustness import load_scored, predict
+    from pipeline.evaluation.robustness import load_scored, predict
 
     data, rows, corruptor = _corruptor(project)
     for name in ("gexsent", "late_fusion"):
@@ -210,7 +210,7 @@ def test_rate_one_drop_equals_training_time_masking(project, modality):
 
 
 def test_drop_masks_and_noise_levels():
-    from pipeline.robustness import add_noise, drop_mask
+    from pipeline.evaluation.robustness import add_noise, drop_mask
 
     rng = np.random.default_rng(0)
     assert drop_mask(1000, 0.3, "random", rng).mean() == pytest.approx(0.3, abs=0.05)
@@ -247,7 +247,7 @@ def test_report_tables_flags_and_records(project):
                                              "block-acoustic", "noise-acoustic", "subsets"}
     assert rob["models"]["gexsent"]["random-visual"]["auc_mae"]["n"] == 2 and rob["rates"] == [0.0, 0.5, 1.0]
     assert len(rob["models"]["gexsent"]["subsets"]["levels"]) == 6           # each modality or pair missing
-    from pipeline.runs import recorded
+    from pipeline.evaluation.runs import recorded
 
     for run in ("models/gexsent", "models/seeds/gexsent/seed1", "models/ablations/late-no-acoustic/seed1", "models/linear_probe"):
         written = recorded(project / run)
@@ -287,7 +287,7 @@ def test_the_dvc_metrics_are_one_small_file_per_number_keyed_by_model(project):
 
 
 def test_every_trained_model_is_reported_with_the_seeds_it_has(project):
-    from pipeline import runs
+    from pipeline.evaluation import runs
 
     raw = yaml.safe_load((project / "params.yaml").read_text())
     dirs = runs.base_run_dirs(raw, project / "models")
@@ -301,8 +301,8 @@ def test_every_trained_model_is_reported_with_the_seeds_it_has(project):
 
 
 def test_report_flags_mixed_data_and_selection_off_validation(project, tmp_path):
-    from pipeline import runs
-    from pipeline.report import flags
+    from pipeline.evaluation import runs
+    from pipeline.evaluation.report import flags
 
     run = runs.read_run(project / "models" / "gexsent", "gexsent", 0)
     other = runs.read_run(project / "models" / "late_fusion", "late_fusion", 0)
@@ -336,7 +336,7 @@ def test_readme_tables_splices_between_markers_and_is_idempotent(project, tmp_pa
 # --------------------------------------------------------------------------- leakage guards
 
 def test_assemble_refuses_a_video_in_two_splits_unless_allowed(tmp_path):
-    from pipeline.dataset import AssembleParams, assemble
+    from pipeline.training.dataset import AssembleParams, assemble
     from pipeline.errors import UserError
 
     root = write_fake_features(tmp_path / "feat", n=24)
@@ -359,7 +359,7 @@ def test_assemble_refuses_a_video_in_two_splits_unless_allowed(tmp_path):
 
 
 def test_the_demo_and_mosi_splits_are_speaker_independent(mosi_text):
-    from pipeline.dataset import shared_videos
+    from pipeline.training.dataset import shared_videos
 
     for path in (REPO / "raw" / "demo" / "label.csv", mosi_text):
         labels = pd.read_csv(path).rename(columns={"mode": "split"})
@@ -368,7 +368,7 @@ def test_the_demo_and_mosi_splits_are_speaker_independent(mosi_text):
 
 def test_ablations_are_overrides_checked_like_exp_run():
     from pipeline.errors import ParamError
-    from pipeline.runs import Ablation, EvaluateParams, with_overrides
+    from pipeline.evaluation.runs import Ablation, EvaluateParams, with_overrides
 
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     out = with_overrides(raw, ["gce.contrastive_weight=0", "model.modalities=[text, visual]"], seed=3)
@@ -383,10 +383,10 @@ def test_ablations_are_overrides_checked_like_exp_run():
 
 def test_text_drop_keeps_special_tokens_and_reencodes_as_the_text_stage(tmp_path, monkeypatch):
     """Dropped tokens become [UNK], [CLS]/[SEP] stay, and re-encoding unchanged ids gives back the stored inputs."""
-    from pipeline.dataset import AssembledData, assemble
-    from pipeline import robustness
+    from pipeline.training.dataset import AssembledData, assemble
+    from pipeline.evaluation import robustness
     from pipeline.features import text as text_stage
-    from pipeline.robustness import Corruptor
+    from pipeline.evaluation.robustness import Corruptor
 
     root = write_fake_features(tmp_path / "feat", n=16, dims={"text": 384, "visual": 4})
     manifest = pd.read_parquet(root / "manifest.parquet")
@@ -421,8 +421,8 @@ def test_text_drop_keeps_special_tokens_and_reencodes_as_the_text_stage(tmp_path
 def test_report_says_when_an_ablated_component_never_acted(tmp_path):
     """gce-no-relation against a full GCE whose relation loss never fired before its selected epoch (seed 0, 1) or
     fired (seed 2): the note names the ablation and says it measures seed noise only when it never fired at all."""
-    from pipeline import runs
-    from pipeline.report import Group, never_acted
+    from pipeline.evaluation import runs
+    from pipeline.evaluation.report import Group, never_acted
 
     def run(name, seed, relation_steps):
         folder = tmp_path / name / f"seed{seed}"
@@ -445,7 +445,7 @@ def test_report_says_when_an_ablated_component_never_acted(tmp_path):
 
 
 def test_an_unknown_model_in_evaluate_models_is_named_not_sent_to_dvc_repro(tmp_path):
-    from pipeline import runs
+    from pipeline.evaluation import runs
     from pipeline.errors import UserError
 
     raw = yaml.safe_load((REPO / "params.yaml").read_text())

@@ -1,4 +1,4 @@
-"""pipeline.experiment: what the report says about its run (params against HEAD's, hyperparameters)."""
+"""pipeline.evaluation.experiment: what the report says about its run (params against HEAD's, hyperparameters)."""
 from __future__ import annotations
 
 import os
@@ -7,7 +7,8 @@ import subprocess
 import yaml
 
 from conftest import REPO
-from pipeline import experiment, params
+from pipeline.evaluation import experiment
+from pipeline import params
 
 
 def _git(*args, cwd):

@@ -217,7 +217,7 @@ def test_a_full_disk_under_a_worker(project):
 
 
 def test_a_full_disk_under_torch_save(tmp_path):
-    from pipeline.dataset import assemble
+    from pipeline.training.dataset import assemble
 
     root = write_fake_features(tmp_path / "features", n=40)
     assemble(root / "manifest.parquet", {m: root / f"{m}.parquet" for m in STAGES}, root / "dataset")

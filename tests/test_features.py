@@ -21,12 +21,12 @@ import torch
 
 from conftest import REPO, make_clip
 from pipeline.cache import FeatureCache, file_sha256
-from pipeline.encoders import load_image_encoder, load_text_encoder, resolve_image_encoder, resolve_text_encoder
+from pipeline.features.encoders import load_image_encoder, load_text_encoder, resolve_image_encoder, resolve_text_encoder
 from pipeline.features import acoustic, text, visual
 from pipeline import params as params_mod
-from pipeline.compute import Compute
+from pipeline.features.compute import Compute
 from pipeline.features.table import read_feature_table, read_meta
-from pipeline.media import iter_video_frames, probe_video, read_audio, sample_times
+from pipeline.data.media import iter_video_frames, probe_video, read_audio, sample_times
 
 CPU = torch.device("cpu")
 

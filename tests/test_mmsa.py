@@ -21,7 +21,8 @@ import pytest
 import yaml
 
 from conftest import REPO, write_fake_features
-from pipeline import safe_pickle, schema
+from pipeline.data import safe_pickle
+from pipeline import schema
 from pipeline.errors import guarded
 
 DIMS = {"mosi": (768, 5, 20), "mosei": (768, 74, 35), "sims": (768, 33, 709)}  # text, audio, vision
@@ -303,7 +304,7 @@ def _assembled(folder: Path) -> dict[str, np.ndarray]:
 
 def test_export_then_import_gives_the_same_assembled_arrays(tmp_path, monkeypatch, capsys):
     """pickle -> stages -> export -> the exported pickle -> stages: identical model inputs."""
-    from pipeline.export import main as export_main
+    from pipeline.data.export import main as export_main
 
     data = make_pickle("sims")
     corrupt(data, "sims")
@@ -333,7 +334,7 @@ def test_export_then_import_gives_the_same_assembled_arrays(tmp_path, monkeypatc
 
 
 def test_export_of_extracted_features_keeps_sequences_and_says_no_text_bert(tmp_path, monkeypatch, capsys):
-    from pipeline.export import export_mmsa
+    from pipeline.data.export import export_mmsa
 
     root = write_fake_features(tmp_path / "features", n=24)
     lines = export_mmsa(root / "manifest.parquet", root, tmp_path / "ours.pkl")

@@ -304,9 +304,9 @@ def test_predict_equals_assemble_and_training(project, monkeypatch):
     import numpy as np
     import pandas as pd
 
-    from pipeline.dataset import AssembledData
+    from pipeline.training.dataset import AssembledData
     from pipeline.predict import model_inputs, score
-    from pipeline.train import load_checkpoint
+    from pipeline.training.train import load_checkpoint
 
     work, env = project["work"], project["env"]
     monkeypatch.setenv("MSA_CACHE_DIR", env["MSA_CACHE_DIR"])
@@ -347,7 +347,7 @@ def test_predict_audio_only_and_text_only_notes(project, tmp_path, monkeypatch, 
 
     import numpy as np
 
-    from pipeline.media import read_audio
+    from pipeline.data.media import read_audio
     from pipeline.predict import main, predict_clip
 
     work, env = project["work"], project["env"]

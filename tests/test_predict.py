@@ -37,7 +37,7 @@ class DemoModels:
 
     def test_clips(self) -> list[tuple[str, Path, str]]:
         """(segment id, clip path, transcript) of the dataset's test split."""
-        from pipeline.dataset import AssembledData
+        from pipeline.training.dataset import AssembledData
 
         data = AssembledData(self.dataset)
         texts = {f"{r['video_id']}/{r['clip_id']}": r["text"] for r in csv.DictReader(open(self.demo / "label.csv"))}
@@ -51,10 +51,10 @@ def demo_models(tmp_path_factory) -> DemoModels:
     import pyarrow.parquet as pq
 
     from pipeline import params
-    from pipeline.dataset import AssembleParams, assemble
+    from pipeline.training.dataset import AssembleParams, assemble
     from pipeline.params import assign
-    from pipeline.prepare import DataParams, read
-    from pipeline.train import train_model
+    from pipeline.data.prepare import DataParams, read
+    from pipeline.training.train import train_model
 
     work = tmp_path_factory.mktemp("predict")
     demo = REPO / "raw" / "demo"
@@ -93,7 +93,7 @@ def models(demo_models, monkeypatch) -> DemoModels:
 
 def model_output(model_dir: Path, batch: dict) -> np.ndarray:
     """The model's scores for a batch, clipped to the label range as predict reports them."""
-    from pipeline.train import load_checkpoint
+    from pipeline.training.train import load_checkpoint
 
     model, ckpt = load_checkpoint(model_dir / "model.pt")
     with torch.no_grad():
@@ -104,8 +104,8 @@ def model_output(model_dir: Path, batch: dict) -> np.ndarray:
 def assembled_batch(models: DemoModels, sid: str, name: str, without: str | None = None) -> dict:
     """The assembled row of segment sid as the model's batch, straight from the dataset (not predict's
     code); `without`: that modality's mask cleared and its values zeroed, as for a segment that lacks it."""
-    from pipeline.dataset import AssembledData
-    from pipeline.train import load_checkpoint
+    from pipeline.training.dataset import AssembledData
+    from pipeline.training.train import load_checkpoint
 
     _, ckpt = load_checkpoint(models.models / name / "model.pt")
     data = AssembledData(models.dataset, modalities=list(ckpt["config"]["input_dims"]))
@@ -123,8 +123,8 @@ def assembled_batch(models: DemoModels, sid: str, name: str, without: str | None
 # --------------------------------------------------------------------------- many clips in one call
 
 def test_three_demo_clips_in_one_call_one_without_transcript(models, tmp_path, monkeypatch, capsys):
-    from pipeline import train
-    from pipeline.metrics import SEVEN_CLASS_NAMES
+    from pipeline.training import train
+    from pipeline.training.metrics import SEVEN_CLASS_NAMES
     from pipeline.predict import main
 
     loads = []
@@ -195,7 +195,7 @@ def test_text_only_refuses_a_clip_without_transcript(models, tmp_path, capsys):
 # --------------------------------------------------------------------------- far from the training data
 
 def test_a_clip_far_from_the_training_data_warns(models, tmp_path, capsys):
-    from pipeline.dataset import AssembledData
+    from pipeline.training.dataset import AssembledData
     from pipeline.predict import far_from_training, main, predict_clip
 
     far = make_clip(tmp_path / "far.mp4", seconds=2.0, size=(160, 120))  # flat grey frames and a pure tone
@@ -258,7 +258,7 @@ def test_explain_leads_with_occlusion_and_labels_the_internals(models, capsys):
 
 def test_gce_graders_and_relation_filter_do_not_change_the_score(models):
     """What --explain says of them: randomising every grader and relation filter weight leaves the score."""
-    from pipeline.train import load_checkpoint
+    from pipeline.training.train import load_checkpoint
 
     sid, _, _ = models.test_clips()[0]
     batch = assembled_batch(models, sid, "gce")

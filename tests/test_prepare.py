@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 
 from conftest import REPO, make_clip, row, write_labels
-from pipeline.media import probe_video
-from pipeline.prepare import build_manifest
+from pipeline.data.media import probe_video
+from pipeline.data.prepare import build_manifest
 
 
 def _wav(path, seconds=1.0, rate=16000):
@@ -303,7 +303,7 @@ def test_label_files_with_a_byte_order_mark_are_read(tmp_path, encoding):
 
 
 def test_utf16_without_a_byte_order_mark_is_named(tmp_path):
-    from pipeline.prepare import PrepareError
+    from pipeline.data.prepare import PrepareError
 
     write_labels(tmp_path, [row()], encoding="utf-16-le")
     with pytest.raises(PrepareError, match="UTF-16 or UTF-32 without a byte-order mark"):

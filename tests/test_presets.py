@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from conftest import row, write_fake_features, write_labels
-from pipeline import metrics
+from pipeline.training import metrics
 from pipeline.errors import ParamError
 from pipeline.params import parse
-from pipeline.prepare import DataParams, read
+from pipeline.data.prepare import DataParams, read
 
 # --------------------------------------------------------------------------- CH-SIMS metrics by hand
 
@@ -120,9 +120,10 @@ def sims_model(tmp_path_factory):
     """text_only trained on a corpus whose manifest says CH-SIMS; records what the plots were given."""
     import pyarrow.parquet as pq
 
-    from pipeline import plots, presets
-    from pipeline.dataset import assemble
-    from pipeline.train import train_model
+    from pipeline.training import plots
+    from pipeline import presets
+    from pipeline.training.dataset import assemble
+    from pipeline.training.train import train_model
 
     root = write_fake_features(tmp_path_factory.mktemp("sims") / "features", n=40)
     table = pq.read_table(root / "manifest.parquet")

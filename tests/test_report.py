@@ -12,9 +12,10 @@ import pytest
 import yaml
 
 from conftest import REPO, write_fake_features
-from pipeline import params, runs
-from pipeline.evaluation import batched_metrics, holm
-from pipeline.report import Comparisons, ReportParams, ablation_table, groups_of, model_table, pairwise_table
+from pipeline import params
+from pipeline.evaluation import runs
+from pipeline.evaluation.stats import batched_metrics, holm
+from pipeline.evaluation.report import Comparisons, ReportParams, ablation_table, groups_of, model_table, pairwise_table
 
 N = 60
 LABELS = np.linspace(-2.5, 2.5, N)
@@ -149,7 +150,7 @@ def test_models_pair_on_common_seeds_and_the_probe_on_every_seed():
 
 
 def test_a_single_seed_report_has_no_sign_test_and_no_spread_figure(tmp_path):
-    from pipeline.report import write
+    from pipeline.evaluation.report import write
 
     named = {"a": [_run("a", 0, 0.5)], "b": [_run("b", 0, 0.6)], "probe": [_run("probe", None, 0.7)]}
     groups, compared, cfg = _compared(named)
@@ -172,7 +173,7 @@ def test_a_single_seed_report_has_no_sign_test_and_no_spread_figure(tmp_path):
 
 @pytest.fixture(scope="module")
 def small_dataset(tmp_path_factory):
-    from pipeline.dataset import assemble
+    from pipeline.training.dataset import assemble
 
     root = write_fake_features(tmp_path_factory.mktemp("small") / "features", n=40)
     assemble(root / "manifest.parquet", {m: root / f"{m}.parquet" for m in ("text", "visual", "acoustic")}, root / "dataset")
@@ -182,11 +183,12 @@ def small_dataset(tmp_path_factory):
 def test_a_run_that_selected_on_test_is_flagged(small_dataset, tmp_path, monkeypatch):
     """The flag follows the split the training loop and the probe actually read: point them at test and the
     report says so; the same runs on validation raise nothing."""
-    from pipeline import probe, train
-    from pipeline.probe import ProbeParams, fit_probe
-    from pipeline.provenance import stamp
-    from pipeline.report import flags, render
-    from pipeline.train import train_model
+    from pipeline.evaluation import probe
+    from pipeline.training import train
+    from pipeline.evaluation.probe import ProbeParams, fit_probe
+    from pipeline.training.provenance import stamp
+    from pipeline.evaluation.report import flags, render
+    from pipeline.training.train import train_model
 
     def trained(out):
         train_model("late_fusion", small_dataset, out, {"epochs": 2, "batch_size": 8}, {}, progress=False)
@@ -219,7 +221,7 @@ ABLATIONS = {"gce-no-relation": {"model": "gce", "set": ["gce.ablate=[relation]"
 @pytest.fixture(scope="module")
 def text_only_corpus(tmp_path_factory):
     """A transcript-only 3-class corpus and params as a user would write them: every default ablation."""
-    from pipeline.dataset import assemble
+    from pipeline.training.dataset import assemble
 
     work = tmp_path_factory.mktemp("textonly")
     root = write_fake_features(work / "features", n=48, dims={"text": 8}, task="classification")
@@ -251,7 +253,7 @@ def test_ablations_that_cannot_change_the_model_are_skipped_with_a_note(text_onl
         folder = work / "models" / "ablations" / name
         assert json.loads((folder / "skipped.json").read_text())["reason"] in log
         assert not list(folder.glob("seed*"))
-    from pipeline.variants import vacuous
+    from pipeline.evaluation.variants import vacuous
 
     raw = yaml.safe_load((work / "params.yaml").read_text())
     assert vacuous(raw, "gexsent", ["gexsent.ablate=[experts]"], work / "features/dataset") is None   # experts act on text
@@ -270,7 +272,7 @@ def test_a_skipped_ablation_is_listed_in_the_report():
 def test_on_three_modalities_nothing_is_skipped(small_dataset):
     """A switch that changes no parameter and acts late (the relation loss fires only once graders separate the
     pairs) looks like nothing at step one: with every modality present it is trained, never skipped."""
-    from pipeline.variants import vacuous
+    from pipeline.evaluation.variants import vacuous
 
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     for overrides in (["gce.relation_weight=0"], ["gce.ablate=[relation]"], ["model.modalities=[text, visual]"]):
@@ -280,8 +282,8 @@ def test_on_three_modalities_nothing_is_skipped(small_dataset):
 def test_with_one_pair_only_the_pair_free_switches_are_vacuous(tmp_path):
     """Text and visual: one pair, so GCE has no relation transfer (it needs two pairs) but does have its
     contrastive loss, a switch that changes no parameter and acts from the first step."""
-    from pipeline.dataset import assemble
-    from pipeline.variants import vacuous
+    from pipeline.training.dataset import assemble
+    from pipeline.evaluation.variants import vacuous
 
     root = write_fake_features(tmp_path / "features", n=24, dims={"text": 8, "visual": 6})
     assemble(root / "manifest.parquet", {m: root / f"{m}.parquet" for m in ("text", "visual")}, root / "dataset")
@@ -321,7 +323,7 @@ def kept_figures(monkeypatch):
 
 
 def test_missing_modality_subsets_are_points_not_lines(tmp_path, kept_figures):
-    from pipeline.figures import robustness_curve
+    from pipeline.evaluation.figures import robustness_curve
 
     subsets = [{"level": lvl, "mae": v} for lvl, v in (("-text", 1.1), ("-visual", 0.9), ("-text-visual", 1.3))]
     robustness_curve({"a": subsets, "b": subsets}, "mae", "modalities missing", tmp_path / "s.png", "subsets")
@@ -336,7 +338,7 @@ def test_missing_modality_subsets_are_points_not_lines(tmp_path, kept_figures):
 
 def test_task_losses_keep_their_own_axis(tmp_path, kept_figures):
     """Auxiliary terms 50x the task loss: the task curves get a panel scaled to them, the total its own."""
-    from pipeline.plots import loss_curves
+    from pipeline.training.plots import loss_curves
 
     history = [{"epoch": e, "train_loss": 1.0 / e, "valid_loss": 1.2 / e, "train_total": 50.0 / e, "select": 1.2 / e}
                for e in range(1, 6)]

@@ -11,10 +11,10 @@ import torch
 import yaml
 
 from conftest import REPO, write_fake_features
-from pipeline import train as train_mod
-from pipeline.dataset import AssembledData, AssembleParams, assemble
-from pipeline.metrics import classification_metrics, regression_metrics
-from pipeline.train import NonFiniteLoss, load_checkpoint, predict_rows, train_model
+from pipeline.training import train as train_mod
+from pipeline.training.dataset import AssembledData, AssembleParams, assemble
+from pipeline.training.metrics import classification_metrics, regression_metrics
+from pipeline.training.train import NonFiniteLoss, load_checkpoint, predict_rows, train_model
 
 MODS = ("text", "visual", "acoustic")
 FAST = {"epochs": 4, "patience": 10, "batch_size": 16}
@@ -112,7 +112,7 @@ def test_train_writes_outputs_and_round_trips(dataset, tmp_path, name):
     pred = predict_rows(model, data, rows, torch.device("cpu"), 64, False)
     assert np.mean(np.abs(pred - data.labels[rows])) == pytest.approx(saved["test"]["mae"], abs=1e-5)
 
-    from pipeline.interpret import explain
+    from pipeline.training.interpret import explain
     from pipeline.predict import forward
 
     lines = explain(name, model, forward(model, ckpt, data.segment(rows[0])).get("extras", {}))  # what --explain prints
@@ -424,7 +424,7 @@ def test_assemble_stops_in_one_line_on_data_with_nothing_to_learn_or_select_on(t
 
 
 def test_corr_of_labels_constant_up_to_rounding_is_null_with_one_warning(capsys, monkeypatch):
-    from pipeline import metrics
+    from pipeline.training import metrics
 
     monkeypatch.setattr(metrics, "_warned", set())  # once per process: earlier tests may have warned already
     labels = np.array([0.1 + 0.2] * 5 + [0.3] * 5)  # equal as numbers, not as floats: std 5e-17
@@ -437,7 +437,7 @@ def test_corr_of_labels_constant_up_to_rounding_is_null_with_one_warning(capsys,
 
 
 def test_metrics_files_are_strict_json_with_null_for_nan(tmp_path):
-    from pipeline.metrics import write_json
+    from pipeline.training.metrics import write_json
 
     result = {"test": regression_metrics([np.nan, 0.1, 0.2], [0.0, 0.5, 1.0]), "valid": {"mae": float("inf")},
               "best_epoch": 3}

@@ -95,7 +95,7 @@ def text_ceiling(manifest, cfg) -> dict:
     """The encoder alone on random token ids, in the corpus's own (length-sorted) batch shapes."""
     import torch
 
-    from pipeline.encoders import load_text_encoder, pick_device, resolve_text_encoder
+    from pipeline.features.encoders import load_text_encoder, pick_device, resolve_text_encoder
     from pipeline.features.text import encode, tokenize
 
     device = pick_device(cfg.device)
@@ -115,8 +115,8 @@ def visual_ceilings(manifest, cfg, compute) -> dict:
     """Decode-only (the same workers, no encoder) and encoder-only (random frames) throughput."""
     import torch
 
-    from pipeline.compute import parallel_map
-    from pipeline.encoders import load_image_encoder, pick_device, resolve_image_encoder
+    from pipeline.features.compute import parallel_map
+    from pipeline.features.encoders import load_image_encoder, pick_device, resolve_image_encoder
     from pipeline.features import visual
 
     device = pick_device(cfg.device)
@@ -153,7 +153,7 @@ def _params(args) -> dict:
 def _stage_configs(raw: dict) -> tuple[dict, object]:
     """Each feature stage's typed params, and the compute section."""
     from pipeline import params
-    from pipeline.compute import Compute
+    from pipeline.features.compute import Compute
     from pipeline.features import acoustic, text, visual  # noqa: F401  (registers their sections)
 
     return {m: params.read(raw, params.SECTIONS[f"features.{m}"]) for m in ("text", "visual", "acoustic")}, \
@@ -220,7 +220,7 @@ def _ceilings(args, manifest, configs: dict, compute, workdir: Path, report: dic
 
 
 def features(args) -> int:
-    from pipeline.prepare import build_manifest
+    from pipeline.data.prepare import build_manifest
 
     raw = _params(args)
     configs, compute = _stage_configs(raw)
@@ -355,7 +355,7 @@ class SyntheticRows:
         self.shape, self.dtype = (len(lengths), steps, dim), np.dtype(np.float32)
 
     def blocks(self):
-        from pipeline.safe_pickle import block_rows
+        from pipeline.data.safe_pickle import block_rows
 
         step = block_rows(self)
         for k, start in enumerate(range(0, self.shape[0], step)):
@@ -367,7 +367,7 @@ class SyntheticRows:
 
 def write_mosei_pickle(path: Path, sizes: dict, dims: dict, steps: int, seed: int = 0) -> Path:
     """An MMSA-layout pickle of CMU-MOSEI's size and dims, every modality `steps` long (as aligned_50)."""
-    from pipeline.safe_pickle import dump
+    from pipeline.data.safe_pickle import dump
 
     rng, data = np.random.default_rng(seed), {}
     for k, (split, n) in enumerate(sizes.items()):
@@ -500,10 +500,10 @@ def bench_model(name: str, data_dir: Path, cfg, arch: dict, device, epochs: int)
     """Train `name` for `epochs` epochs the way train_model does; time every epoch after the first."""
     import torch
 
-    from pipeline.dataset import AssembledData
+    from pipeline.training.dataset import AssembledData
     from pipeline.models import build_model, modalities_read
     from pipeline.models.blocks import task_loss
-    from pipeline.train import _clip_groups, _lr_lambda, _to, clip_gradients, predict_rows
+    from pipeline.training.train import _clip_groups, _lr_lambda, _to, clip_gradients, predict_rows
 
     torch.manual_seed(cfg.seed)
     data = AssembledData(data_dir, modalities=modalities_read(name, cfg.modalities))
@@ -563,9 +563,9 @@ def train(args) -> int:
     import torch
 
     from pipeline import params
-    from pipeline.dataset import AssembledData, AssembleParams, assemble
+    from pipeline.training.dataset import AssembledData, AssembleParams, assemble
     from pipeline.models import MODELS
-    from pipeline.train import TrainParams, resolve_device
+    from pipeline.training.train import TrainParams, resolve_device
 
     if args.threads:
         torch.set_num_threads(args.threads)

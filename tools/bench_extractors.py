@@ -38,7 +38,7 @@ REAL_CLIPS = REPO.parent / "shared" / "data" / "real-clips"
 # --------------------------------------------------------------------------- faces
 
 def sampled_frames(path: Path, fps: float, max_frames: int, max_short: int) -> list[np.ndarray]:
-    from pipeline.media import iter_video_frames
+    from pipeline.data.media import iter_video_frames
 
     return [rgb for _, rgb in iter_video_frames(path, fps, max_frames, max_short=max_short, threads=1)]
 
@@ -92,10 +92,10 @@ def acoustic(args) -> int:
     import dataclasses
 
     from pipeline import params
-    from pipeline.compute import Compute
-    from pipeline.dataset import AssembleParams, assemble
+    from pipeline.features.compute import Compute
+    from pipeline.training.dataset import AssembleParams, assemble
     from pipeline.features import acoustic as ac, text, visual
-    from pipeline.prepare import build_manifest
+    from pipeline.data.prepare import build_manifest
 
     raw = params.load(args.params)
     compute = params.read(raw, Compute)
@@ -158,7 +158,7 @@ def cpu_rates(manifest, base, extractors: list[str], clips: int) -> dict:
     import dataclasses
 
     from pipeline.features import acoustic as ac
-    from pipeline.media import read_audio
+    from pipeline.data.media import read_audio
 
     paths = [a or v for a, v in zip(manifest["audio_path"], manifest["video_path"]) if a or v][:clips]
     audio = [read_audio(p, base.sample_rate) for p in paths]
@@ -181,7 +181,7 @@ def train_once(raw: dict, model: str, dataset: Path, out: Path, seed: int) -> fl
 
     from pipeline import params
     from pipeline.models import MODELS
-    from pipeline.train import TrainParams, train_model
+    from pipeline.training.train import TrainParams, train_model
 
     cfg = params.parse(TrainParams, {**raw.get("model", {}), "seed": seed}, "model")
     arch = params.parse(MODELS[model].config_class, params.lookup(raw, model), model)

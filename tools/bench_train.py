@@ -19,7 +19,7 @@ path (g_p) and of the branches trained on detached inputs (g_b: graders, the imp
 over every parameter scales the predictor's gradient by min(1, c / |(g_p, g_b)|), clipping apart by
 min(1, c / |g_p|) (c = model.grad_clip); it prints how much smaller the first makes the predictor's step
 (1 - ratio): mean, median, 90th percentile and largest over the steps, and on how many steps it shrinks it
-at all. Clipping apart (the default, `pipeline.train.clip_gradients`) makes it 0 by construction.
+at all. Clipping apart (the default, `pipeline.training.train.clip_gradients`) makes it 0 by construction.
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def _free_port() -> int:
 
 
 def one_process(model: str, seed: int, out: Path) -> dict:
-    from pipeline.train import train_model
+    from pipeline.training.train import train_model
 
     started = time.time()
     with contextlib.redirect_stdout(io.StringIO()):
@@ -103,7 +103,7 @@ def ddp(args) -> None:
 def clip(args) -> None:
     import torch
 
-    from pipeline import train as train_mod
+    from pipeline.training import train as train_mod
 
     real = train_mod.clip_gradients
     shrink: list[float] = []

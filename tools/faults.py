@@ -91,9 +91,9 @@ def extracted_directly(project: Path, stage: str, ids: list[str]) -> dict[str, d
     import yaml
 
     from pipeline import params
-    from pipeline.encoders import load_image_encoder, load_text_encoder, resolve_image_encoder, resolve_text_encoder
+    from pipeline.features.encoders import load_image_encoder, load_text_encoder, resolve_image_encoder, resolve_text_encoder
     from pipeline.features import acoustic, text, visual
-    from pipeline.media import read_audio
+    from pipeline.data.media import read_audio
 
     raw = yaml.safe_load((project / "params.yaml").read_text())
     cfg = params.read(raw, params.SECTIONS[f"features.{stage}"])
@@ -735,7 +735,7 @@ def demo_project(folder: Path, corpus: Path, clips: int) -> Path:
     (so that the stage process is the one that writes, and is killed)."""
     import yaml
 
-    from pipeline.prepare import build_manifest
+    from pipeline.data.prepare import build_manifest
 
     raw = yaml.safe_load(Path("params.yaml").read_text())
     manifest, _ = build_manifest({**raw["data"], "root": str(corpus)}, progress=False)

@@ -10,7 +10,7 @@ The README holds one block per report:
     <!-- /report: demo -->
 
 and each named table is taken from between `<!-- table: NAME -->` and `<!-- /table -->` in the
-summary (see pipeline/report.py), after the summary's first paragraph (data, hashes, seeds).
+summary (see pipeline/evaluation/report.py), after the summary's first paragraph (data, hashes, seeds).
 Running it twice changes nothing.
 """
 from __future__ import annotations

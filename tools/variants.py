@@ -47,7 +47,7 @@ COMPONENT_OF = {"text": "s_text", "visual": "s_face", "acoustic": "s_voice"}  # 
 def complementarity_corpus(root: Path, n: int = 600, seed: int = 0) -> tuple[Path, np.ndarray]:
     """Assembled dataset of n clips (60/20/20 split) whose strong modality varies per clip -> (folder,
     components (n, 3) in registry order text, visual, acoustic)."""
-    from pipeline.dataset import assemble
+    from pipeline.training.dataset import assemble
     from tools.bench import write_synthetic_features
 
     rng = np.random.default_rng(seed)
@@ -74,7 +74,7 @@ def filter_vs_truth(model_dir: Path, data, components: np.ndarray) -> dict:
     """The trained relation filter's w on every clip against the truth (module docstring)."""
     import torch
 
-    from pipeline.train import load_checkpoint, predict_rows
+    from pipeline.training.train import load_checkpoint, predict_rows
 
     model, _ = load_checkpoint(model_dir / "model.pt")
     rows = np.arange(len(data.index))
@@ -91,7 +91,7 @@ def filter_vs_truth(model_dir: Path, data, components: np.ndarray) -> dict:
 
 def train(name: str, data_dir: Path, out: Path, seed: int, arch: dict) -> dict:
     """One quiet training run -> its test metrics, size and wall seconds per epoch."""
-    from pipeline.train import train_model
+    from pipeline.training.train import train_model
 
     started = time.time()
     with contextlib.redirect_stdout(io.StringIO()):
@@ -101,7 +101,7 @@ def train(name: str, data_dir: Path, out: Path, seed: int, arch: dict) -> dict:
 
 
 def relation(args, work: Path) -> list[dict]:
-    from pipeline.dataset import AssembledData
+    from pipeline.training.dataset import AssembledData
 
     corpora = {"demo": (Path("features/dataset"), None)}
     corpora["complementarity"] = complementarity_corpus(work / "complementarity")

@@ -1,7 +1,7 @@
 """Export the pipeline's features as an MMSA feature pickle, so MMSA's models train on them.
 
-    python -m pipeline.export mmsa --out features/mmsa_features.pkl
-    python -m pipeline.export mmsa --out feat.pkl --manifest features/manifest.parquet --features features
+    python -m pipeline.data.export mmsa --out features/mmsa_features.pkl
+    python -m pipeline.data.export mmsa --out feat.pkl --manifest features/manifest.parquet --features features
 
 Reads the manifest and features/<modality>.parquet (whatever the feature stages produced:
 ModernBERT / CLIP / acoustic features, or features imported from a pickle) and writes
@@ -30,8 +30,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import safe_pickle, schema
-from .errors import UserError, guarded, require
+from . import safe_pickle
+from .. import schema
+from ..errors import UserError, guarded, require
 from .mmsa import LENGTH_KEYS, MODALITY_KEYS, UNIMODAL
 
 SENTIMENT = ("Negative", "Neutral", "Positive")  # MMSA's classification_labels 0, 1, 2
@@ -173,7 +174,7 @@ def export_mmsa(manifest_path: str | Path, features: str | Path, out: str | Path
 
 
 def main(argv=None) -> int:
-    cli = argparse.ArgumentParser(prog="python -m pipeline.export", description=__doc__.split("\n\n")[0])
+    cli = argparse.ArgumentParser(prog="python -m pipeline.data.export", description=__doc__.split("\n\n")[0])
     sub = cli.add_subparsers(dest="format", required=True)
     mmsa = sub.add_parser("mmsa", help="an MMSA feature pickle (protocol 4)")
     mmsa.add_argument("--out", required=True, help="the pickle to write")

@@ -50,8 +50,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import presets, safe_pickle, schema
-from .errors import UserError
+from .. import presets, schema
+from . import safe_pickle
+from ..errors import UserError
 
 MODALITY_KEYS = {"text": "text", "visual": "vision", "acoustic": "audio"}  # registry name -> pickle key
 LENGTH_KEYS = {"visual": "vision_lengths", "acoustic": "audio_lengths"}
@@ -329,7 +330,7 @@ def _scan_modalities(split: Split, reasons: list) -> dict[str, dict[str, np.ndar
 def read_pickle(data) -> tuple[list[dict], list[dict], dict, dict[str, str]]:
     """An MMSA/MulT pickle (`data.root`) -> (manifest rows, rejects, the report for the manifest metadata,
     the manifest columns beyond prepare's own with their dtypes)."""
-    from .cache import file_sha256
+    from ..cache import file_sha256
 
     path = Path(data.root)
     if not path.is_file():

@@ -1,5 +1,5 @@
 """The `prepare` stage: a raw corpus in the MMSA layout -> a manifest of usable segments.
-(`data.format: mmsa` reads an MMSA feature pickle instead: pipeline/mmsa.py; `read` dispatches.)
+(`data.format: mmsa` reads an MMSA feature pickle instead: pipeline/data/mmsa.py; `read` dispatches.)
 
     <root>/label.csv                      video_id,clip_id,text,label,mode
     <root>/Raw/<video_id>/<clip_id>.mp4   one clip per labelled segment (any of media.VIDEO_EXTS)
@@ -28,14 +28,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from .cache import file_sha256, make_key
-from .errors import UserError
+from ..cache import file_sha256, make_key
+from ..errors import UserError
 from .media import (AUDIO_EXTS, IMAGE_EXTS, VIDEO_EXTS, MediaError, NoVideoStream, TrackScan, probe_audio, probe_image,
                     probe_video, scan_tracks)
-from .params import fail, one_of, param, parse, section
-from .progress import progress as progress_bar
-from .presets import PRESETS, CustomPreset, conventions
-from .schema import segment_id
+from ..params import fail, one_of, param, parse, section
+from ..progress import progress as progress_bar
+from ..presets import PRESETS, CustomPreset, conventions
+from ..schema import segment_id
 
 REQUIRED_COLUMNS = ("video_id", "clip_id", "text", "label", "mode")
 SPLIT_ALIASES = {"train": "train", "valid": "valid", "val": "valid", "validation": "valid", "dev": "valid", "test": "test"}

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 
 LAZY_BYTES = 1 << 20  # array payloads at least this large stay in the file (FileArray)
 BLOCK_BYTES = 32 << 20  # rows read or written per block, about this many bytes

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from . import params
+from .. import params
 
 HEADLINE = {  # the test metrics each preset's papers report, in table order
     "mosi": ["mae", "corr", "acc2_has0", "acc2_non0", "f1_has0", "f1_non0"],

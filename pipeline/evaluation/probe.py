@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .dataset import AssembledData
-from .metrics import classification_metrics, regression_metrics, write_json
-from .params import gt, param, section
+from ..training.dataset import AssembledData
+from ..training.metrics import classification_metrics, regression_metrics, write_json
+from ..params import gt, param, section
 
 SELECT_SPLIT = "valid"  # the split the penalty is chosen on; metrics.json records it as `selection`
 

@@ -4,7 +4,7 @@ The protocol, and how to read it: docs/evaluation.md.
 
 * Every comparison is paired: the seeds both sides ran (a deterministic run, the probe, pairs with
   every seed of the other side) and the test segments both scored; the table says which seeds.
-  Paired bootstrap over those segments and seeds (pipeline/evaluation.py).
+  Paired bootstrap over those segments and seeds (pipeline/evaluation/stats.py).
 * Each table is one family of tests, Holm-corrected: the pairwise table, the ablation table, and
   per metric column of the models table the comparisons with that column's best. Raw and adjusted
   p are shown; verdicts and marks use the adjusted p (< report.alpha).
@@ -33,9 +33,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import params, runs
-from .evaluation import LOWER_IS_BETTER, PRIMARY, batched_metrics, bootstrap_replicates, compare, decide, holm, sign_test, summarize
-from .params import between, ge, param, section
+from .. import params
+from . import runs
+from .stats import LOWER_IS_BETTER, PRIMARY, batched_metrics, bootstrap_replicates, compare, decide, holm, sign_test, summarize
+from ..params import between, ge, param, section
 
 LABELS = {"mae": "MAE", "corr": "Corr", "acc2_has0": "Acc-2 has0", "acc2_non0": "Acc-2 non0", "f1_has0": "F1 has0",
           "f1_non0": "F1 non0", "acc2": "Acc-2", "acc3": "Acc-3", "f1": "F1", "acc5": "Acc-5", "acc7": "Acc-7",

@@ -39,12 +39,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import schema
-from .dataset import AssembledData, collate
-from .evaluation import auc
-from .evaluation import summarize as over_seeds
-from .metrics import classification_metrics, regression_metrics
-from .params import between, ge, param, section
+from .. import schema
+from ..training.dataset import AssembledData, collate
+from .stats import auc
+from .stats import summarize as over_seeds
+from ..training.metrics import classification_metrics, regression_metrics
+from ..params import between, ge, param, section
 
 RATES = [round(0.1 * i, 1) for i in range(10)]  # 0..0.9, as LNLN; 1.0 (modality gone) only when asked
 CACHE_ENTRIES = 20_000  # re-encoded transcripts kept (MOSI-sized: ~ 250 MB at most)
@@ -100,8 +100,8 @@ class TextReencoder:
     """The dataset's own text encoder: token ids -> model inputs, as the `text` stage and `assemble` make them."""
 
     def __init__(self, data: AssembledData):
-        from .encoders import load_text_encoder, resolve_text_encoder
-        from .errors import UserError
+        from ..features.encoders import load_text_encoder, resolve_text_encoder
+        from ..errors import UserError
 
         info = data.meta["modalities"]["text"]
         spec = resolve_text_encoder(info["encoder"]["name"])
@@ -129,7 +129,7 @@ class TextReencoder:
         return [self.cache[k] for k in keys]
 
     def _encode(self, chunk: list[tuple[bytes, np.ndarray]]) -> None:
-        from .features.text import encode
+        from ..features.text import encode
 
         pad = self.tokenizer.pad_token_id or 0
         input_ids = torch.full((len(chunk), max(len(x) for _, x in chunk)), pad, dtype=torch.long)
@@ -240,7 +240,7 @@ class Scored:
 
 
 def load_scored(name: str, seed: int, path: str | Path) -> Scored:
-    from .train import load_checkpoint
+    from ..training.train import load_checkpoint
 
     model, ckpt = load_checkpoint(Path(path) / "model.pt")
     return Scored(name, seed, model, ckpt["config"]["input_dims"], bool(ckpt["config"].get("text_finetune")))
@@ -363,7 +363,7 @@ def write_outputs(out_dir: str | Path, summary: dict, points: dict, task: str, d
     `dvc metrics`: the primary metric only), curves/<curve>/<model>.json (for `dvc plots`), plots/<curve>.png."""
     import json
 
-    from .evaluation import PRIMARY
+    from .stats import PRIMARY
     from .figures import robustness_curve
 
     out = Path(out_dir)

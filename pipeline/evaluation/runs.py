@@ -31,9 +31,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import params
-from .errors import UserError
-from .params import ge, param, section
+from .. import params
+from ..errors import UserError
+from ..params import ge, param, section
 
 PROBE = "linear_probe"
 SKIPPED = "skipped.json"

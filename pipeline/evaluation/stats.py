@@ -14,7 +14,7 @@ of models on the same test segments, and the area under a robustness curve.
   add-one estimate: never 0, so a correction can multiply it), so both test-set sampling and
   seed-to-seed variance are in it. One seed (or a deterministic baseline) reduces it to the plain
   paired bootstrap over segments. The caller passes only the seeds both models ran and the
-  segments both scored (pipeline/report.py pairs them).
+  segments both scored (pipeline/evaluation/report.py pairs them).
 * `holm(p)`: Holm-Bonferroni adjusted p-values of one family of tests (a table): reject where the
   adjusted p < alpha, and the chance of any false "better" in the family stays below alpha
   whatever the dependence between the tests.
@@ -123,7 +123,7 @@ def batched_metrics(task: str, num_classes: int = 0, family: str = "mosi") -> Ca
         return out
 
     def sims(pred, true):
-        from .metrics import sims_bins
+        from ..training.metrics import sims_bins
 
         def bins(x, classes):
             return sims_bins(x, classes).reshape(x.shape)

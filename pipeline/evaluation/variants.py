@@ -32,11 +32,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import params, runs, schema
-from .errors import ParamError
-from .models import MODELS
-from .provenance import stamp
-from .train import TrainParams, train_model
+from .. import params, schema
+from . import runs
+from ..errors import ParamError
+from ..models import MODELS
+from ..training.provenance import stamp
+from ..training.train import TrainParams, train_model
 
 
 def train_variant(raw: dict, model: str, dataset: str | Path, out: str | Path, overrides=(), seed: int | None = None,
@@ -62,8 +63,8 @@ def summary_line(result: dict) -> str:
 
 def vacuous(raw: dict, model: str, overrides: list[str], dataset: str | Path, batch_size: int = 32) -> str | None:
     """Why the overrides cannot change `model` on this dataset (module docstring), or None when they can."""
-    from .dataset import AssembledData
-    from .models import modalities_read
+    from ..training.dataset import AssembledData
+    from ..models import modalities_read
 
     if any(o.startswith("model.") and not o.startswith("model.modalities=") for o in overrides):
         return None
@@ -88,8 +89,8 @@ def _same_model(raw: dict, model: str, overrides: list[str], data, cfg: TrainPar
     the same predictions, loss terms and gradients on one training batch with the same dropout draws."""
     import torch
 
-    from .models import build_model
-    from .models.blocks import task_loss
+    from ..models import build_model
+    from ..models.blocks import task_loss
 
     if cfg.threads:  # as training sets it (a busy machine's default thread count makes this step slow)
         torch.set_num_threads(cfg.threads)

@@ -30,9 +30,9 @@ import numpy as np
 import pyarrow as pa
 
 from ..cache import FeatureCache, file_sha256, make_key
-from ..compute import Compute, parallel_map
+from .compute import Compute, parallel_map
 from ..errors import UserError
-from ..media import MediaError, read_audio
+from ..data.media import MediaError, read_audio
 from ..params import as_dict, between, fail, ge, gt, one_of, param, section
 from .runner import Extracted, Plan, row_str, run_stage, stage_bar
 

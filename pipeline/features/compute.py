@@ -75,9 +75,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from .cache import DISK_FULL, STALE_S, file_mode, owner, owner_gone, share_like_parent
-from .errors import UserError
-from .params import Check, matches, one_of, param, section
+from ..cache import DISK_FULL, STALE_S, file_mode, owner, owner_gone, share_like_parent
+from ..errors import UserError
+from ..params import Check, matches, one_of, param, section
 
 ALLOWED_FAILURES = 3  # local re-runs of a unit whose worker died (Dask's allowed-failures default)
 
@@ -163,7 +163,7 @@ def _call(fn: Callable, index: int, item: Any, marker_dir: str | None = None) ->
     <index>.died at once, not into the result, because Dask may lose a result held by a
     worker that dies later and quietly compute it again.
     """
-    from .media import MediaError
+    from ..data.media import MediaError
 
     marker = Path(marker_dir) / str(index) if marker_dir else None
     if marker:

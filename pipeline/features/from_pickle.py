@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from .. import schema
-from ..mmsa import LAYOUTS, MODALITY_KEYS, PickleError, block_slices, clean, open_pickle, read_rows, steps_of
+from ..data.mmsa import LAYOUTS, MODALITY_KEYS, PickleError, block_slices, clean, open_pickle, read_rows, steps_of
 
 
 def pickle_stage(stage: str, manifest_path, cfg):

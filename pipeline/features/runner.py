@@ -37,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..cache import Claims, DamagedEntry, FeatureCache, sweep_temp_files
-from ..compute import close_dask, retry_log
+from .compute import close_dask, retry_log
 from ..errors import UserError
 from ..progress import progress
 from .table import list_array, write_feature_batches
@@ -358,7 +358,7 @@ def stage_main(stage: str, module, argv: list[str] | None = None) -> int:
 
     from .. import params
     from ..cache import DISK_FULL, CacheParams
-    from ..compute import Compute
+    from .compute import Compute
     from ..errors import guarded, os_error_line, require
     from .from_pickle import pickle_stage
 

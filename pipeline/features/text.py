@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..cache import FeatureCache, make_key, text_sha256
-from ..encoders import autocast, load_text_encoder, pick_device, resolve_text_encoder, text_config
+from .encoders import autocast, load_text_encoder, pick_device, resolve_text_encoder, text_config
 from ..params import DEVICE, as_dict, ge, one_of, param, section
 from .runner import Extracted, Plan, row_str, run_stage, stage_bar
 

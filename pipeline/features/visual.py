@@ -25,9 +25,9 @@ import numpy as np
 import pyarrow as pa
 
 from ..cache import FeatureCache, file_sha256, make_key
-from ..compute import Compute, parallel_map
-from ..encoders import load_image_encoder, pick_device, resolve_image_encoder
-from ..media import iter_video_frames, read_image
+from .compute import Compute, parallel_map
+from .encoders import load_image_encoder, pick_device, resolve_image_encoder
+from ..data.media import iter_video_frames, read_image
 from ..params import DEVICE, as_dict, between, ge, gt, one_of, param, section
 from .faces import DETECTORS, detect_face
 from .runner import Extracted, Plan, row_str, run_stage, stage_bar

@@ -11,7 +11,7 @@ modalities with a pooled vector; ``batch["label"]`` in training) and returns
 saw (gates, routings, grading; ``extras["stats"]``: per-batch sums the trainer adds up per epoch).
 A config with ``variant`` may pick another class through the model class's ``variants`` mapping.
 A model class may set ``reads`` (a tuple of modalities, or a function of its config giving one) when it
-uses only some, and ``published_recipe`` (how the published code trains it: `pipeline.train.Recipe`).
+uses only some, and ``published_recipe`` (how the published code trains it: `pipeline.training.train.Recipe`).
 """
 from __future__ import annotations
 

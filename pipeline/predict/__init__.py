@@ -41,7 +41,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError, guarded
+from ..errors import UserError, guarded
 
 # Far from the training data. The training statistics make every normalised training value
 # z = (x - mean) / std; `schema.normalise` clips |z| at CLIP_SIGMAS (20). By Chebyshev, at most
@@ -74,7 +74,7 @@ def gather(inputs: list[str], text: str | None = None, listing: str | None = Non
     """Clips named on the command line (files, folders, globs; a folder's or glob's x.mp4 takes its
     transcript from x.txt beside it) and in a CSV list -> Clips. A named file that does not exist, a
     folder or glob without media, or --text for several clips: PredictError."""
-    from .media import AUDIO_EXTS, IMAGE_EXTS, VIDEO_EXTS
+    from ..data.media import AUDIO_EXTS, IMAGE_EXTS, VIDEO_EXTS
 
     media = VIDEO_EXTS + AUDIO_EXTS + IMAGE_EXTS
     if text is not None and not text.strip():
@@ -191,7 +191,7 @@ def load_model(path: Path):
     """(model in eval mode, checkpoint) from a checked model.pt; a file this code cannot rebuild: one line."""
     import pickle
 
-    from .train import load_checkpoint
+    from ..training.train import load_checkpoint
 
     try:
         return load_checkpoint(path)
@@ -203,8 +203,8 @@ def load_model(path: Path):
 
 def _cache_root() -> Path:
     """The feature cache of params.yaml here (so predict shares the stages' cache), else the default."""
-    from . import params
-    from .cache import CacheParams
+    from .. import params
+    from ..cache import CacheParams
 
     raw = params.load() if Path("params.yaml").is_file() else {}
     return params.read(raw, CacheParams).root()
@@ -225,7 +225,7 @@ def _manifest(keyed: list[tuple[str, Clip]], workdir: Path, progress: bool, with
     Without media (a model that reads the transcript only), the clips are not even probed."""
     import pandas as pd
 
-    from .prepare import build_manifest
+    from ..data.prepare import build_manifest
 
     parts = []
     for kind in ("media", "text"):  # a corpus without Raw/ is transcript-only: transcripts alone get their own
@@ -259,8 +259,8 @@ def clip_inputs(clips: list[Clip], ckpt: dict, cache_root=None,
                 progress: bool = False) -> list[tuple[dict | None, list[str]]]:
     """Each clip -> (its model inputs as `schema.to_model_input` makes them, notes); (None, notes) for a
     clip that cannot be scored, whose `error` then says why. Each feature stage runs once for all clips."""
-    from . import params, schema
-    from .features.table import read_feature_table
+    from .. import params, schema
+    from ..features.table import read_feature_table
 
     cfg, dims = ckpt["config"], ckpt["config"]["input_dims"]
     from_pickle = [m for m in dims if cfg["encoders"][m].get("source") == "pickle"]
@@ -312,7 +312,7 @@ def missing_input(m: str, dim: int) -> dict:
     vector, no token ids."""
     import numpy as np
 
-    from . import schema
+    from .. import schema
 
     modality, keys = schema.get(m), schema.get(m).batch_keys()
     out = {m: np.zeros((0, dim), schema.STORE_DTYPE)}
@@ -325,7 +325,7 @@ def missing_input(m: str, dim: int) -> dict:
 
 def _checked(clip: Clip, segment: dict | None, missing: dict[str, str], cfg: dict) -> tuple[dict | None, list[str]]:
     """A clip's notes on what it lacks; its error when it lacks every modality the model reads."""
-    from . import schema
+    from .. import schema
 
     dims = list(cfg["input_dims"])
     if clip.error or segment is None:
@@ -359,7 +359,7 @@ def far_from_training(segment: dict, dims) -> list[str]:
     thresholds are argued at FAR_CLIPPED_SHARE above)."""
     import numpy as np
 
-    from . import schema
+    from .. import schema
 
     warnings = []
     for m in dims:
@@ -387,7 +387,7 @@ def forward_many(model, ckpt: dict, segments: list[dict]) -> dict:
     """The model's whole output for a batch of segments: pred (B,) or (B, C), aux, extras."""
     import torch
 
-    from .dataset import collate
+    from ..training.dataset import collate
 
     cfg = ckpt["config"]
     batch = collate(segments, cfg["input_dims"], with_token_ids=cfg["text_finetune"])
@@ -434,8 +434,8 @@ def describe(pred, cfg: dict) -> dict:
     import numpy as np
     import torch
 
-    from .metrics import is_positive, score_classes
-    from .presets import DEFAULT
+    from ..training.metrics import is_positive, score_classes
+    from ..presets import DEFAULT
 
     if cfg["task"] == "classification":
         probs = torch.softmax(pred.float(), -1).numpy()
@@ -490,7 +490,7 @@ def score_clips(model, ckpt: dict, clips: list[Clip], cache_root=None, explain: 
         results[i].update(described[k], modalities=[m for m in cfg["input_dims"] if len(segments[k][m])],
                           warnings=far_from_training(segments[k], cfg["input_dims"]))
         if explain:
-            from .interpret import explain as internals
+            from ..training.interpret import explain as internals
 
             results[i].update(occlusion=hidden[k], internals=internals(cfg["name"], model, extras[k]))
     return results
@@ -527,7 +527,7 @@ def model_inputs(clip: str | Path | None, text: str | None, ckpt: dict, cache_ro
 
 def legend(cfg: dict) -> list[str]:
     """What the output's names mean, for the model's task and training corpus (pipeline/presets.py)."""
-    from .presets import DEFAULT
+    from ..presets import DEFAULT
 
     if cfg["task"] == "classification":
         return [f"label: the most probable of the classes the model was trained on ({', '.join(cfg['classes'])}); "
@@ -666,6 +666,3 @@ def _main(argv) -> int:
 def main(argv=None) -> int:
     return guarded("predict", _main, argv)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -39,9 +39,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from . import presets, schema
-from .errors import UserError
-from .params import fail, ge, one_of, param, section
+from .. import presets, schema
+from ..errors import UserError
+from ..params import fail, ge, one_of, param, section
 
 # the manifest columns that say what the data is (not where it lies): hashed into every result
 CONTENT_COLUMNS = ("id", "video_id", "split", "label", "label_name", "text", "content_hash")

@@ -1,6 +1,6 @@
 """PNG plots written next to each model (DVC's HTML plots load vega from a CDN, so offline
 users get these files instead): loss curves, predicted vs true, confusion matrix, and the panels of
-what a model learned (`pipeline.interpret`)."""
+what a model learned (`pipeline.training.interpret`)."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -19,7 +19,7 @@ split evenly stops the run. DDP looks for parameters
 a step left unused (GCE's relation filter when no pair qualifies as a guide, a fine-tuned
 encoder's pooler). Rank 0 alone evaluates, decides early stopping and broadcasts the decision,
 and writes the checkpoint, metrics, dvclive logs, plots and what the model learned
-(`pipeline.interpret`).
+(`pipeline.training.interpret`).
 
 `train_model` reads top to bottom: `setup` (process group, seeds, data, model), `fit` (the
 epoch loop, keeping the best state), then `evaluate` and `write_outputs` on rank 0.
@@ -43,13 +43,14 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from . import interpret, plots, schema
+from . import interpret, plots
+from .. import schema
 from .dataset import AssembledData
-from .errors import ParamError, UserError
+from ..errors import ParamError, UserError
 from .metrics import classification_metrics, regression_metrics, score_classes, write_json
-from .models import MODELS, build_model, modalities_read
-from .models.blocks import ClassScore, class_centers, sentiment_class, task_loss
-from .params import DEVICE, Check, as_dict, between, fail, ge, gt, param, parse, section
+from ..models import MODELS, build_model, modalities_read
+from ..models.blocks import ClassScore, class_centers, sentiment_class, task_loss
+from ..params import DEVICE, Check, as_dict, between, fail, ge, gt, param, parse, section
 
 # The split every selection reads (early stopping, the checkpoint); metrics.json records it as `selection`
 SELECT_SPLIT = "valid"
@@ -131,7 +132,7 @@ class TextFinetune(torch.nn.Module):
 
 def _load_text_encoder(name: str) -> torch.nn.Module:
     """The same encoder (preset, folder or hub id) that produced the stored token ids."""
-    from .encoders import load_text_encoder, resolve_text_encoder  # heavy: only when fine-tuning
+    from ..features.encoders import load_text_encoder, resolve_text_encoder  # heavy: only when fine-tuning
 
     _, encoder = load_text_encoder(resolve_text_encoder(name), "cpu")
     return encoder
@@ -654,7 +655,7 @@ def train_model(name: str, data_dir: str | Path, out_dir: str | Path, cfg: Train
 def write_interpretation(run: Run, out_dir: Path, history: list[dict], selected_epoch: int) -> None:
     """interpret.json and interpret/ (JSON tables + PNG): what the model saw during training (per epoch, and
     which components acted before the selected epoch) and on the test split (per sample), as
-    `pipeline.interpret` reads it for this model."""
+    `pipeline.training.interpret` reads it for this model."""
     rows = run.rows["test"]
     _, extras = predict_rows(run.model, run.data, rows, run.device, run.cfg.eval_batch_size, run.cfg.text_finetune,
                              with_extras=True)
