@@ -2,5 +2,5 @@
 
 Each module's `run(manifest, params, cache_root, out_path)` plans cache keys,
 extracts what the per-clip cache lacks and writes features/<stage>.parquet via
-the shared runner; `io.read_feature_table` loads a table back.
+the shared runner; `table.read_feature_table` loads a table back.
 """
