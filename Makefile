@@ -28,8 +28,10 @@ demo: install
 	$(BIN)/dvc repro
 	$(BIN)/dvc metrics show    # metrics/: one row per number, one column per model (the committed baseline: dvc metrics diff)
 
+# Two workers, one test file each at a time (a module's shared fixtures, e.g. the end-to-end demo repro,
+# are built once); the 10 slowest tests are printed at the end.
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=10
 
 baseline: install
 	$(BIN)/python -m tools.baseline

@@ -367,7 +367,9 @@ def test_dvc_repro_on_a_pickle_to_metrics(tmp_path):
     expected = corrupt(data, "sims")
     (work / "data").mkdir()
     write(work / "data" / "unaligned_39.pkl", data)
-    project(work, Path("data/unaligned_39.pkl"), "data.preset=sims")
+    # what this test is about is the pickle -> metrics path: no ablations, a 2-point robustness curve
+    project(work, Path("data/unaligned_39.pkl"), "data.preset=sims", "evaluate.ablations={}",
+            "robustness.rates=[0.0, 0.5]", "robustness.seeds=[0]", "robustness.snr_db=[10.0]")
     env = {**os.environ, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"],
            "PYTHONPATH": str(work), "MSA_CACHE_DIR": str(tmp_path / "cache"), "GIT_AUTHOR_NAME": "t",
            "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}

@@ -68,14 +68,26 @@ def project(tmp_path_factory):
     _run(["git", "init", "-q"], work, env)
     _run(["git", "add", "-A"], work, env)
     _run(["git", "commit", "-qm", "project with its committed baseline"], work, env)
+    versioned = _run(["git", "ls-files", "metrics", "reports"], work, env).split()
+    committed = {p: _run(["git", "show", f"HEAD:{p}"], work, env) for p in versioned}  # the yardstick, kept apart
     started = time.time()
     log = _run(["dvc", "repro"], work, env)
     print(f"dvc repro: {time.time() - started:.0f} s")
-    return {"work": work, "env": env, "log": log, "lean": _lean(work)}
+    return {"work": work, "env": env, "log": log, "lean": _lean(work), "committed": committed}
 
 
 @pytest.fixture(scope="module")
-def failed(project):
+def baseline_here(project):
+    """This machine's run committed as the baseline, as a user does before experimenting: HEAD's outputs are
+    then in the local DVC cache, which `dvc plots diff HEAD` reads (a run that matches the committed one only
+    within BASELINE_TOLERANCE has other file hashes than the committed dvc.lock names)."""
+    work, env = project["work"], project["env"]
+    _run(["git", "add", "-A"], work, env)
+    _run(["git", "commit", "-qm", "the baseline as run here", "--allow-empty"], work, env)
+
+
+@pytest.fixture(scope="module")
+def failed(project, baseline_here):
     """An invalid value through `dvc exp run -S`, then the undo the message names."""
     work, env = project["work"], project["env"]
     before = _digests(work)
@@ -116,47 +128,50 @@ def test_repro_runs_every_stage_and_is_then_up_to_date(project):
     assert "up to date" in _run(["dvc", "status"], work, env)
 
 
-ROBUSTNESS_TOLERANCE = 1e-4  # on the robustness AUCs only; see the test's docstring
+# A cold `dvc repro` can store a few visual embedding values one float16 step apart from another cold run's
+# (seen: 2 of 120 demo clips), which moved a training metric by at most 2e-6; training itself is bit for bit
+# deterministic on CPU (`model.threads`). 1e-4 is 50 times the largest change seen and 10 times below the
+# 3 decimals the report prints; the robustness AUCs jitter by up to 1e-5 between runs as well.
+BASELINE_TOLERANCE = 1e-4
+NUMBER = re.compile(r"-?\d+\.\d+(?:e-?\d+)?")
 
 
-def _committed(work: Path, env: dict, path: str) -> str:
-    return _run(["git", "show", f"HEAD:{path}"], work, env)
+def _numbers_apart(markdown: str) -> tuple[str, list[float]]:
+    """The report with its decimal numbers taken out (returned apart)."""
+    return NUMBER.sub("#", markdown), [float(x) for x in NUMBER.findall(markdown)]
 
 
-def _without_robustness(markdown: str) -> tuple[str, list[float]]:
-    """The report with its robustness tables' numbers taken out (returned apart)."""
-    numbers = []
-
-    def strip(match):
-        numbers.extend(float(x) for x in re.findall(r"-?\d+\.\d+", match.group(0)))
-        return re.sub(r"-?\d+\.\d+", "#", match.group(0))
-    return re.sub(r"<!-- table: (robustness|subsets) -->.*?<!-- /table -->", strip, markdown, flags=re.S), numbers
+def _close(made, committed, tolerance, where=""):
+    """Two parsed JSON documents equal in structure and strings, their numbers within tolerance."""
+    if isinstance(committed, dict):
+        assert isinstance(made, dict) and set(made) == set(committed), where
+        for k in committed:
+            _close(made[k], committed[k], tolerance, f"{where}.{k}")
+    elif isinstance(committed, list):
+        assert isinstance(made, list) and len(made) == len(committed), where
+        for i, (a, b) in enumerate(zip(made, committed)):
+            _close(a, b, tolerance, f"{where}[{i}]")
+    elif isinstance(committed, float) and not isinstance(committed, bool):
+        assert made == pytest.approx(committed, abs=tolerance), (where, committed, made)
+    else:
+        assert made == committed, (where, committed, made)
 
 
 def test_a_fresh_clone_reproduces_the_committed_baseline(project):
-    """The committed metrics/ and report are what a fresh clone's `dvc repro` writes. Every training metric
-    exactly (bit for bit in every run measured: training on CPU is deterministic, `model.threads` fixes the
-    thread count). The robustness AUCs within ROBUSTNESS_TOLERANCE: that stage's numbers moved in the 5th
-    decimal between runs on one machine (1e-5 once in four runs), so 1e-4 is ten times the jitter seen and
-    ten times below the 3 decimals the report prints. The yardstick is git's copy, made by `make baseline`."""
+    """The committed metrics/ and report are what a fresh clone's `dvc repro` writes: every number within
+    BASELINE_TOLERANCE (why: above it), the report's text exactly, its printed numbers within one unit of the
+    last decimal. The yardstick is git's copy, made by `make baseline`."""
     work, env = project["work"], project["env"]
     hint = ("the committed baseline is not what a fresh clone reproduces: regenerate it with `make baseline` (after "
             "the code and params are committed)")
-    committed = {Path(p).stem: json.loads(_committed(work, env, p))
-                 for p in _run(["git", "ls-files", "metrics"], work, env).split()}
-    made = _lean(work)
-    assert set(made) == set(committed), hint
-    for stem, by_model in committed.items():
-        assert set(made[stem]) == set(by_model), (hint, stem)
-        for model, value in by_model.items():
-            if stem.startswith("auc_"):
-                assert abs(made[stem][model] - value) <= ROBUSTNESS_TOLERANCE, (hint, stem, model, value, made[stem][model])
-            else:
-                assert made[stem][model] == value, (hint, stem, model, value, made[stem][model])
-    assert json.loads((work / "reports" / "summary.json").read_text()) == \
-        json.loads(_committed(work, env, "reports/summary.json")), hint
-    text, numbers = _without_robustness((work / "reports" / "summary.md").read_text())
-    committed_text, committed_numbers = _without_robustness(_committed(work, env, "reports/summary.md"))
+    kept = project["committed"]
+    committed = {Path(p).stem: json.loads(text) for p, text in kept.items() if p.startswith("metrics/")}
+    assert set(project["lean"]) == set(committed), hint
+    _close(project["lean"], committed, BASELINE_TOLERANCE, hint)
+    _close(json.loads((work / "reports" / "summary.json").read_text()),
+           json.loads(kept["reports/summary.json"]), BASELINE_TOLERANCE * 10, hint)
+    text, numbers = _numbers_apart((work / "reports" / "summary.md").read_text())
+    committed_text, committed_numbers = _numbers_apart(kept["reports/summary.md"])
     assert text == committed_text, hint
     assert numbers == pytest.approx(committed_numbers, abs=0.0011), hint  # one unit of the 3rd decimal
 
