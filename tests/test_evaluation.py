@@ -333,6 +333,29 @@ def test_readme_tables_splices_between_markers_and_is_idempotent(project, tmp_pa
     assert main(["mosi", str(summary), "--readme", str(readme)]) == 2      # no such block: one line, exit 2
 
 
+def test_readme_tables_into_another_file_and_a_file_without_the_block(tmp_path, capsys):
+    from tools.readme_tables import SpliceError, main, splice
+
+    summary = tmp_path / "summary.md"
+    summary.write_text("# Report\n\nData `x` (regression), 4 test segments.\n\n<!-- table: models -->\n"
+                       "| model | MAE |\n|---|---|\n| gce | 0.9 |\n<!-- /table -->\n\n"
+                       "<!-- table: pairwise -->\n| pair | p |\n|---|---|\n<!-- /table -->\n")
+    page = tmp_path / "results.md"
+    page.write_text("# Results\n<!-- report: demo-full (tables: models) -->\nold\n<!-- /report: demo-full -->\nend\n")
+    assert main(["demo-full", str(summary), "--into", str(page)]) == 0
+    text = page.read_text()
+    assert "old" not in text and "| gce | 0.9 |" in text and "| pair | p |" not in text and text.endswith("end\n")
+    assert f"--into {page}`; do not edit by hand" in text and "Data `x` (regression)" in text
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\nno blocks here\n")
+    assert main(["demo-full", str(summary), "--into", str(readme)]) == 2
+    assert f"no block '<!-- report: demo-full ... -->' ... '<!-- /report: demo-full -->' in {readme}" \
+        in capsys.readouterr().err
+    assert readme.read_text() == "# x\nno blocks here\n"
+    with pytest.raises(SpliceError, match="in docs/results.md"):
+        splice("nothing", "demo-full", summary.read_text(), "s.md", "docs/results.md")
+
+
 # --------------------------------------------------------------------------- leakage guards
 
 def test_assemble_refuses_a_video_in_two_splits_unless_allowed(tmp_path):

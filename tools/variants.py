@@ -10,7 +10,7 @@ Both train in-process with `train_model` and the params' defaults (model.threads
 `--reference-recipe ours` for ours) and the improved one with ours, and reports each run's parameter
 count and wall seconds per epoch too.
 --out writes every run as JSON; --md writes the tables between `<!-- table: NAME -->` markers, which
-`python -m tools.readme_tables variants-relation relation.md` (or variants-compare) copies into the README;
+`python -m tools.readme_tables variants-relation relation.md --into docs/models.md` (or variants-compare) copies into docs/models.md;
 --runs re-renders the tables from a saved --out file without training.
 
 `relation` trains GCE, each variant with the relation loss on and off (`gce.ablate: [relation]`), on two
@@ -166,7 +166,7 @@ def main(argv=None) -> int:
     cli.add_argument("--reference-recipe", default="published", choices=["published", "ours"],
                      help="compare only: the recipe the reference variant trains with")
     cli.add_argument("--out", help="write every run as JSON here")
-    cli.add_argument("--md", help="write the tables with README markers here (tools.readme_tables reads it)")
+    cli.add_argument("--md", help="write the tables with table markers here (tools.readme_tables reads it)")
     cli.add_argument("--runs", help="a saved --out file: render its tables, train nothing")
     args = cli.parse_args(argv)
     if args.runs:

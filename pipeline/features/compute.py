@@ -367,7 +367,7 @@ def _dask_client(compute: Compute):
         try:
             client = Client(compute.scheduler)
         except (OSError, TypeError) as err:  # refused, timed out; TypeError: tls:// with no TLS settings
-            hint = "; tls:// needs Dask's TLS settings (README: Scaling out)" if compute.scheduler.startswith("tls") else ""
+            hint = "; tls:// needs Dask's TLS settings (docs/scaling.md)" if compute.scheduler.startswith("tls") else ""
             raise UserError(f"compute.scheduler {compute.scheduler}: cannot connect ({type(err).__name__}: "
                             f"{(str(err).splitlines() or [''])[0][:160]}){hint}") from None
     _DASK.update(key=key, client=client, cluster=cluster)

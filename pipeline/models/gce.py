@@ -250,8 +250,8 @@ class RelationFilter(nn.Module):
     reference's w across the batch (it spreads w, but from no signal about which samples are complementary).
 
     ``python -m tools.variants relation`` measures both filters (spread of w across samples, correlation
-    with the complementarity known by construction, relation loss on/off over seeds); README
-    "Models: reference vs improved".
+    with the complementarity known by construction, relation loss on/off over seeds); docs/models.md
+    "GCE's relation filter, measured".
     """
 
     def __init__(self, dim: int, relation_dim: int, alpha: float, hidden: bool = False):
