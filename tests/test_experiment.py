@@ -72,3 +72,26 @@ def test_lean_metrics_follow_the_preset_and_the_selection_score():
                                                             "noise-all": {"mean_mae": {"mean": 0.45}}}}})
     assert table == {"mae": {"gexsent": 0.4}, "corr": {"gexsent": 0.5}, "acc2": {"gexsent": 0.7},
                      "f1": {"gexsent": 0.69}, "valid_mae": {"gexsent": 0.35}, "auc_random-all": {"gexsent": 0.5}}
+
+
+def test_every_committed_result_has_params_the_check_stage_accepts():
+    """results/<name>/params.yaml is what `python -m tools.results <name>` runs: it must stay a valid params.yaml
+    as sections change (a renamed key would otherwise only fail 40 minutes into a regeneration)."""
+    import sys
+
+    sys.path.insert(0, str(REPO))
+    from stages.check import validate
+
+    found = sorted((REPO / "results").glob("*/params.yaml"))
+    assert found, "no results/<name>/params.yaml"
+    for path in found:
+        validate(yaml.safe_load(path.read_text()))
+
+
+def test_results_names_the_results_it_has_when_asked_for_another(monkeypatch, capsys):
+    from tools import results
+
+    monkeypatch.chdir(REPO)
+    assert results.main(["no-such-corpus"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("results: no results/no-such-corpus/params.yaml") and "demo" in err and "\n" not in err
