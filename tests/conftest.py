@@ -117,3 +117,13 @@ def write_fake_features(root: Path, n: int = 60, dims=None, seed: int = 0, task:
         table = table.replace_schema_metadata({b"pipeline": json.dumps(meta).encode()})
         pq.write_table(table, root / f"{m}.parquet")
     return root
+
+
+SLOWEST_FIRST = ("test_pipeline_e2e", "test_mmsa", "test_predict")  # whole-DAG runs and trained-model fixtures
+
+
+def pytest_collection_modifyitems(items):
+    """The modules with the longest fixtures run first: under `pytest -n 2 --dist loadfile` (make test) one worker
+    then runs the end-to-end module while the other works through everything else."""
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(getattr(getattr(item, "module", None), "__name__", ""), len(rank)))
