@@ -5,10 +5,10 @@
 
 then `python -m tools.readme_tables ...` (docs/results.md) copies the tables into the README and the docs.
 Each `results/<name>/` holds the params.yaml the run used (the committed defaults plus its seeds,
-ablations and data) and the report it wrote. The run is made in a fresh clone of HEAD placed beside this
-checkout, so a relative `data.root` (e.g. ../shared/data/mosi-text) means what it means here, with that
-params.yaml in place of the default one and its own cold feature cache; `dvc repro` runs every stage
-and the report is copied back. Like `make baseline`, it refuses while code differs from HEAD.
+ablations and data) and the report it wrote (summary.md, summary.json, figures/). The run is made in a
+fresh clone of HEAD placed beside this checkout, so a relative `data.root` (e.g. ../shared/data/mosi-text)
+means what it means here, with that params.yaml in place of the default one and its own cold feature
+cache; `dvc repro` runs every stage and the report is copied back. Like `make baseline`, it refuses while code differs from HEAD.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from pathlib import Path
 from tools.baseline import _git, uncommitted
 
 RESULTS = Path("results")
-COPIED = ["reports/summary.md", "reports/summary.json"]
+COPIED = ["reports/summary.md", "reports/summary.json", "reports/figures"]  # the report links its figures/
 
 
 def main(argv=None) -> int:
@@ -58,12 +58,17 @@ def main(argv=None) -> int:
         return 1
     print(f"results: `dvc repro` of {args.name} took {(time.time() - started) / 60:.1f} min")
     for path in COPIED:
-        shutil.copy2(clone / path, params.parent / Path(path).name)
+        src, dst = clone / path, params.parent / Path(path).name
+        if src.is_dir():
+            shutil.rmtree(dst, ignore_errors=True)
+            shutil.copytree(src, dst)
+        else:
+            shutil.copy2(src, dst)
     if args.keep:
         print(f"results: the clone is kept in {clone}")
     else:
         shutil.rmtree(clone, ignore_errors=True)
-    print(f"results: wrote {RESULTS}/{args.name}/summary.md and summary.json; now `python -m tools.readme_tables`")
+    print(f"results: wrote {RESULTS}/{args.name}/summary.md, summary.json and figures/; now `python -m tools.readme_tables`")
     return 0
 
 
