@@ -423,6 +423,7 @@ def test_another_member_of_the_group_adds_a_clip_under_umask_022(project, shared
         if child == 0:
             os.close(read)
             try:
+                os.chdir(shared)  # where the other user may be: the checkout itself can be private to its owner
                 os.setgroups([])
                 os.setgid(group)
                 os.setuid(other_user)
