@@ -86,14 +86,15 @@ def two_ranks(tmp_path_factory, dataset):
         (work / "features").mkdir(parents=True)
         shutil.copytree(dataset, work / "features" / "dataset")
         (work / "params.yaml").write_text(yaml.safe_dump({"model": {**TRAIN, **overrides}, name: arch}))
-    driver = ("import os, sys\nimport torch\nimport torch.distributed as dist\nfrom pipeline.errors import guarded\n"
+    driver = ("import json, os, sys\nimport torch\nimport torch.distributed as dist\nfrom pipeline.errors import guarded\n"
               "from stages import train\n"
               "dist.init_process_group('gloo')  # one group for every case: the stage joins it\n"
               "for folder, name in zip(sys.argv[1::2], sys.argv[2::2]):\n"
               "    os.chdir(folder)\n"
               "    code = guarded('train', train.main, name, 'features/dataset', 'out')\n"
-              "    print(f'{folder} exit {code}', flush=True)\n"
-              "    print(f'{folder} rank {dist.get_rank()} draws {torch.rand(4).tolist()}', flush=True)\n"
+              "    rank = dist.get_rank()  # a file per rank: the ranks' stdout pipes interleave mid-line\n"
+              "    record = {'exit': code, 'draws': torch.rand(4).tolist()}\n"
+              "    open(os.path.join(folder, f'rank{rank}.json'), 'w').write(json.dumps(record))\n"
               "dist.destroy_process_group()\n")
     (root / "cases.py").write_text(driver)
     args = [a for case, (name, _, _) in {**CASES, **DROPOUT_CASES}.items() for a in (str(folders[case]), name)]
@@ -111,10 +112,9 @@ def test_two_ranks_train_like_one_process(tmp_path, dataset, two_ranks, case):
     single = train_model(name, dataset, tmp_path / "single", {**TRAIN, **overrides}, arch, progress=False)
     folders, stdout = two_ranks
     work = folders[case]
-    assert stdout.count(f"{work} exit 0") == 2  # both ranks finished the case
-    draws = {line.split(" rank ")[1][0]: line.split(" draws ")[1] for line in stdout.splitlines()
-             if line.startswith(f"{work} rank ")}
-    assert set(draws) == {"0", "1"} and draws["0"] != draws["1"]  # each rank its own random stream (dropout masks)
+    ranks = [json.loads((work / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["exit"] for r in ranks] == [0, 0]  # both ranks finished the case
+    assert ranks[0]["draws"] != ranks[1]["draws"]  # each rank its own random stream (dropout masks)
     assert stdout.count(f"{name}: ") and stdout.count("world size 2") == len(CASES) + len(DROPOUT_CASES)  # rank 0 logs
 
     ddp = json.loads((work / "out" / "metrics.json").read_text())
@@ -138,7 +138,7 @@ def test_two_ranks_train_with_dropout(two_ranks):
     on each rank, and DDP's collectives would no longer match)."""
     folders, stdout = two_ranks
     work = folders["gce_dropout"]
-    assert stdout.count(f"{work} exit 0") == 2
+    assert [json.loads((work / f"rank{r}.json").read_text())["exit"] for r in (0, 1)] == [0, 0]
     guides = json.loads((work / "out" / "interpret" / "guides.json").read_text())
     assert max(row["relation_batches"] for row in guides) > 0  # grading chose guides: the relation loss ran
     assert np.isfinite(pd.read_csv(work / "out" / "plots" / "test_predictions.csv")["pred"]).all()
