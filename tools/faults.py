@@ -198,7 +198,8 @@ def outcome(project: Path, stage: str) -> dict:
     if not path.is_file():
         return {"table": None}
     table = pq.read_table(path)
-    report = json.loads(table.schema.metadata[b"pipeline"])
+    run = path.with_suffix(".run.json")  # the whole report (repairs, retries); the footer holds what is reproducible
+    report = json.loads(run.read_text()) if run.is_file() else json.loads(table.schema.metadata[b"pipeline"])
     return {"table": table.replace_schema_metadata(None), "report": report,
             "failures": sorted((f["id"], f["reason"]) for f in report["failures"]),
             "notes": sorted((n["id"], n["note"]) for n in report["notes"])}

@@ -413,4 +413,4 @@ def _print_summary(stage: str, meta: dict, out) -> None:
         for item in items[:5]:
             print(f"  {label} {item['id']}: {item['reason']}")
         if len(items) > 5:
-            print(f"  ... {len(items) - 5} more {label} in {Path(out).with_suffix('.json')}")
+            print(f"  ... {len(items) - 5} more {label} in {Path(out).with_suffix('.run.json')}")

@@ -5,8 +5,10 @@ joins the manifest). A sequence column is a Parquet list whose values are one
 flat array: a segment's (n, dim) matrix is stored row-major, so loading a whole
 table is one contiguous numpy array + offsets per column, with no per-row Python
 work over the numbers. The schema metadata key b"pipeline" holds the stage's JSON
-metadata (encoder, dim, params, counts, failures, timing), also written beside it
-as features/<stage>.json for people.
+metadata (encoder, dim, params, counts, failures), also written beside it as
+features/<stage>.json for people. How the run went (wall time, throughput, what came
+from the cache, retries, repairs) changes from run to run, so it stays out of both
+files, whose hashes DVC records in dvc.lock, and goes to features/<stage>.run.json.
 """
 from __future__ import annotations
 
@@ -42,19 +44,34 @@ def write_feature_table(path: str | os.PathLike, columns: dict[str, pa.Array], m
     write_feature_batches(path, table.schema, [table], meta)
 
 
+RUN_KEYS = ("wall_s", "throughput", "retries", "repaired")  # how this run went, not what it made
+RUN_COUNTS = ("cached", "extracted", "repaired")             # depend on what the cache held
+
+
+def reproducible(meta: dict) -> dict:
+    """The report without what changes from run to run: the same clips and params give the same bytes."""
+    out = {k: v for k, v in meta.items() if k not in RUN_KEYS}
+    if isinstance(out.get("counts"), dict):
+        out["counts"] = {k: v for k, v in out["counts"].items() if k not in RUN_COUNTS}
+    return out
+
+
 def write_feature_batches(path: str | os.PathLike, arrow_schema: pa.Schema, batches, meta: dict) -> None:
     """Stream record batches (or tables) into the Parquet, one row group each, so memory holds one batch
-    at a time; temp file + rename, then the JSON sidecar. The report goes into the footer."""
+    at a time; temp file + rename, then the JSON sidecars. The reproducible part of the report goes into
+    the footer and <stem>.json, the whole report into <stem>.run.json."""
     path = Path(path)
-    arrow_schema = arrow_schema.with_metadata({META_KEY: json.dumps(meta).encode()})
+    arrow_schema = arrow_schema.with_metadata({META_KEY: json.dumps(reproducible(meta)).encode()})
 
     def write(f):
         with pq.ParquetWriter(f, arrow_schema, compression="zstd", compression_level=1) as writer:
             for batch in batches:
                 writer.write(batch.replace_schema_metadata(arrow_schema.metadata))
     atomic_write(path, write)
-    sidecar = json.dumps(meta, indent=1).encode() + b"\n"
+    sidecar = json.dumps(reproducible(meta), indent=1).encode() + b"\n"
     atomic_write(path.with_suffix(".json"), lambda f: f.write(sidecar))
+    run = json.dumps(meta, indent=1).encode() + b"\n"
+    atomic_write(path.with_suffix(".run.json"), lambda f: f.write(run))
 
 
 @dataclass
