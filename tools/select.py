@@ -26,23 +26,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pipeline.evaluation.experiment import flatten
+
 LOWER_IS_BETTER = ("valid_mae", "valid_loss")
 PROBE = "linear_probe"
-
-
-def _flat(node, prefix: str = "") -> dict:
-    if isinstance(node, dict) and node:
-        out = {}
-        for key, value in node.items():
-            out.update(_flat(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: node}
 
 
 def _row(name: str, data: dict | None) -> dict:
     """{name, params (flat, params.yaml), metrics: {stem: {model: value}}} of one exp show entry."""
     data = data or {}
-    params = _flat(((data.get("params") or {}).get("params.yaml") or {}).get("data") or {})
+    params = flatten(((data.get("params") or {}).get("params.yaml") or {}).get("data") or {})
     metrics = {}
     for path, entry in (data.get("metrics") or {}).items():
         if path.startswith("metrics/") and isinstance((entry or {}).get("data"), dict):

@@ -118,18 +118,19 @@ def committed_params(path: str = "params.yaml") -> tuple[dict | None, str]:
         return None, "HEAD's params.yaml is not valid YAML"
 
 
-def _flat(node, prefix: str = "") -> dict:
+def flatten(node, prefix: str = "") -> dict:
+    """Nested params -> {"model.lr": 0.001, ...} (an empty mapping stays a value)."""
     if isinstance(node, dict) and node:
         out = {}
         for key, value in node.items():
-            out.update(_flat(value, f"{prefix}{key}."))
+            out.update(flatten(value, f"{prefix}{key}."))
         return out
     return {prefix[:-1]: node}
 
 
 def changed_params(raw: dict, baseline: dict) -> list[tuple[str, object, object]]:
     """[(dotted key, baseline value, this run's value)] for every leaf that differs (None: absent)."""
-    now, then = _flat(raw), _flat(baseline)
+    now, then = flatten(raw), flatten(baseline)
     return [(k, then.get(k), now.get(k)) for k in sorted(set(now) | set(then)) if now.get(k) != then.get(k)]
 
 
