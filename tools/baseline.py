@@ -32,18 +32,32 @@ def uncommitted(root: Path) -> list[str]:
     return [p for p in paths if not any(p == v or p.startswith(v + "/") for v in VERSIONED)]
 
 
-def reproduce(root: Path, work: Path) -> Path:
-    """Clone HEAD into work/repo, run `dvc repro` there from nothing; returns the clone."""
-    clone = work / "repo"
+def reproduce(root: Path, clone: Path, params: Path | None = None, *, force: bool = True,
+              shared_cache: bool = True) -> float:
+    """Clone HEAD into `clone` (with `params` as its params.yaml if given) and run `dvc repro` there from
+    nothing, with the clone's own empty feature cache; returns the seconds it took."""
     subprocess.run(["git", "clone", "-q", str(root), str(clone)], check=True)
     subprocess.run(["git", "checkout", "-q", _git("rev-parse", "HEAD", cwd=root)], cwd=clone, check=True)
-    subprocess.run(["dvc", "config", "--local", "cache.dir", str(root / ".dvc" / "cache")], cwd=clone, check=True)
-    env = {k: v for k, v in os.environ.items() if k != "MSA_CACHE_DIR"}  # the clone's own, empty feature cache
+    if shared_cache:
+        subprocess.run(["dvc", "config", "--local", "cache.dir", str(root / ".dvc" / "cache")], cwd=clone, check=True)
+    if params is not None:
+        shutil.copy2(params, clone / "params.yaml")
+    env = {k: v for k, v in os.environ.items() if k != "MSA_CACHE_DIR"}
     env["PYTHONPATH"] = str(clone)
     started = time.time()
-    subprocess.run(["dvc", "repro", "--force"], cwd=clone, env=env, check=True)
-    print(f"baseline: `dvc repro` in a fresh clone of HEAD took {time.time() - started:.0f} s")
-    return clone
+    subprocess.run(["dvc", "repro", *(["--force"] if force else [])], cwd=clone, env=env, check=True)
+    return time.time() - started
+
+
+def copy_back(src: Path, dst: Path) -> None:
+    """A file or a folder from the clone, replacing what was there."""
+    if dst.is_dir():
+        shutil.rmtree(dst)
+    if src.is_dir():
+        shutil.copytree(src, dst)
+    else:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dst)
 
 
 def main(argv=None) -> int:
@@ -57,21 +71,16 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     work = Path(tempfile.mkdtemp(prefix="msa-baseline-"))
+    clone = work / "repo"
     try:
-        clone = reproduce(root, work)
+        seconds = reproduce(root, clone)
     except subprocess.CalledProcessError as err:
         print(f"baseline: {' '.join(map(str, err.cmd))} failed (exit {err.returncode}); the clone is kept in {work}",
               file=sys.stderr)
         return 1
+    print(f"baseline: `dvc repro` in a fresh clone of HEAD took {seconds:.0f} s")
     for path in VERSIONED:
-        src, dst = clone / path, root / path
-        if dst.is_dir():
-            shutil.rmtree(dst)
-        if src.is_dir():
-            shutil.copytree(src, dst)
-        else:
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst)
+        copy_back(clone / path, root / path)
     if args.keep:
         print(f"baseline: the clone is kept in {work}")
     else:

@@ -13,14 +13,12 @@ cache; `dvc repro` runs every stage and the report is copied back. Like `make ba
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from tools.baseline import _git, uncommitted
+from tools.baseline import _git, copy_back, reproduce, uncommitted
 
 RESULTS = Path("results")
 COPIED = ["reports/summary.md", "reports/summary.json", "reports/figures"]  # the report links its figures/
@@ -45,25 +43,15 @@ def main(argv=None) -> int:
     clone = root.parent / f".{root.name}-results-{args.name}"
     if clone.exists():
         shutil.rmtree(clone)
-    subprocess.run(["git", "clone", "-q", str(root), str(clone)], check=True)
-    subprocess.run(["git", "checkout", "-q", _git("rev-parse", "HEAD", cwd=root)], cwd=clone, check=True)
-    shutil.copy2(params, clone / "params.yaml")
-    env = {k: v for k, v in os.environ.items() if k != "MSA_CACHE_DIR"}  # the clone's own, empty feature cache
-    env["PYTHONPATH"] = str(clone)
-    started = time.time()
     try:
-        subprocess.run(["dvc", "repro"], cwd=clone, env=env, check=True)
+        seconds = reproduce(root, clone, params, force=False, shared_cache=False)
     except subprocess.CalledProcessError as err:
-        print(f"results: `dvc repro` failed (exit {err.returncode}); the clone is kept in {clone}", file=sys.stderr)
+        print(f"results: {' '.join(map(str, err.cmd))} failed (exit {err.returncode}); the clone is kept in {clone}",
+              file=sys.stderr)
         return 1
-    print(f"results: `dvc repro` of {args.name} took {(time.time() - started) / 60:.1f} min")
+    print(f"results: `dvc repro` of {args.name} took {seconds / 60:.1f} min")
     for path in COPIED:
-        src, dst = clone / path, params.parent / Path(path).name
-        if src.is_dir():
-            shutil.rmtree(dst, ignore_errors=True)
-            shutil.copytree(src, dst)
-        else:
-            shutil.copy2(src, dst)
+        copy_back(clone / path, params.parent / Path(path).name)
     if args.keep:
         print(f"results: the clone is kept in {clone}")
     else:
