@@ -60,15 +60,15 @@ def write_feature_batches(path: str | os.PathLike, arrow_schema: pa.Schema, batc
     """Stream record batches (or tables) into the Parquet, one row group each, so memory holds one batch
     at a time; temp file + rename, then the JSON sidecars. The reproducible part of the report goes into
     the footer and <stem>.json, the whole report into <stem>.run.json."""
-    path = Path(path)
-    arrow_schema = arrow_schema.with_metadata({META_KEY: json.dumps(reproducible(meta)).encode()})
+    path, kept = Path(path), reproducible(meta)
+    arrow_schema = arrow_schema.with_metadata({META_KEY: json.dumps(kept).encode()})
 
     def write(f):
         with pq.ParquetWriter(f, arrow_schema, compression="zstd", compression_level=1) as writer:
             for batch in batches:
                 writer.write(batch.replace_schema_metadata(arrow_schema.metadata))
     atomic_write(path, write)
-    sidecar = json.dumps(reproducible(meta), indent=1).encode() + b"\n"
+    sidecar = json.dumps(kept, indent=1).encode() + b"\n"
     atomic_write(path.with_suffix(".json"), lambda f: f.write(sidecar))
     run = json.dumps(meta, indent=1).encode() + b"\n"
     atomic_write(path.with_suffix(".run.json"), lambda f: f.write(run))
